@@ -1,9 +1,10 @@
 """Cross-cutting request handling: request ids, draining, authentication, request limits, errors.
 
 Order for every request: request id -> open paths (/health, /ready, /metrics) pass -> 503 while draining ->
-/v1/admin/* needs the admin key -> other /v1/* need an API key (no keys configured: closed, except on a dev cluster)
-and take one token from that key's request bucket. Every error, expected or not, leaves in OpenAI's error shape with
-the request id in `X-Request-Id`; an unexpected exception is logged with its traceback and answered with a plain 500.
+/v1/admin/* needs the admin key -> other /v1/* need an API key (no keys configured: closed, except on a dev cluster),
+and those that use a model (routes marked @uses_model) take one token from that key's request bucket. Every error,
+expected or not, leaves in OpenAI's error shape with the request id in `X-Request-Id`; an unexpected exception is
+logged with its traceback and answered with a plain 500.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 from hpcllm.config import ApiKey
 from hpcllm.gateway import errors
 from hpcllm.gateway.admin.router import LORA_ADMIN_PATHS
+from hpcllm.gateway.ratelimit import counts_as_request
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.httpkit.auth import bearer_token
 from hpcllm.httpkit.errors import ServiceError, from_http_exception, install_error_handlers, respond
@@ -61,7 +63,7 @@ def _key_hint(token: str) -> str:
     return f"{token[:3]}...{token[-2:]}"
 
 
-def _authenticate_user(gw: Gateway) -> None:
+def _authenticate_user(gw: Gateway, uses_model: bool) -> None:
     g.api_key = None
     if not gw.api_keys:
         if gw.config.cluster.dev:
@@ -77,7 +79,8 @@ def _authenticate_user(gw: Gateway) -> None:
     if key is None:
         raise errors.AuthenticationFailed(f"Incorrect API key provided: {_key_hint(token)}")
     g.api_key = key
-    gw.limiter.take_request(key)
+    if uses_model:  # reads and management (a batch's progress, files, status) stay open while model requests wait
+        gw.limiter.take_request(key)
 
 
 def _authenticate_admin(gw: Gateway) -> None:
@@ -128,7 +131,7 @@ def install(app: Flask, gw: Gateway) -> None:
         if path.startswith("/v1/admin/") or path in LORA_ADMIN_PATHS:
             _authenticate_admin(gw)
         elif path.startswith("/v1/") or path in USER_PATHS:
-            _authenticate_user(gw)
+            _authenticate_user(gw, counts_as_request(app.view_functions.get(request.endpoint)))
 
     @app.after_request
     def finish(response):

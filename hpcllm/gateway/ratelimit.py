@@ -1,7 +1,7 @@
 """Per-API-key request and token limits (token buckets in SharedState, so all gateway processes share them).
 
 Each key has two buckets: requests (capacity requests_per_minute, refilled continuously at rpm/60 per second,
-cost 1 per request) and tokens (capacity tokens_per_minute; a request reserves prompt_tokens + max_tokens up
+cost 1 per request that uses a model: a route marked @uses_model) and tokens (capacity tokens_per_minute; a request reserves prompt_tokens + max_tokens up
 front and gets back what its generation did not use when it ends). An empty bucket means 429 with Retry-After
 set to the seconds until the request would fit; a request reserving more than the whole bucket is a 429 at once.
 Each key may also hold a bounded number of streams at once (stream slots, shared by all gateway processes).
@@ -10,6 +10,7 @@ Each key may also hold a bounded number of streams at once (stream slots, shared
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 from hpcllm.config import ApiKey
 from hpcllm.gateway.errors import RateLimited
@@ -17,6 +18,20 @@ from hpcllm.gateway.shared_state import SharedState
 
 
 STREAM_RETRY_AFTER_S = 2.0
+_USES_MODEL = "hpcllm_uses_model"
+
+
+def uses_model(view: Callable) -> Callable:
+    """Marks a route whose requests use a model (generation, embeddings, scoring, the model's tokenizer): each takes
+    one token of its key's requests bucket, batch lines too (they run through the same routes). Reads and management
+    (models, files, batches, stored responses, conversations, status) do not, so a key whose budget a running batch
+    or a loop of requests uses up still sees its progress."""
+    setattr(view, _USES_MODEL, True)
+    return view
+
+
+def counts_as_request(view: Callable | None) -> bool:
+    return getattr(view, _USES_MODEL, False)
 
 
 def key_digest(key: ApiKey) -> str:

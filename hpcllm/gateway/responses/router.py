@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, request
 
 from hpcllm.gateway.protocol import parse_body, unsupported
+from hpcllm.gateway.ratelimit import uses_model
 from hpcllm.gateway.responses.protocol import ResponsesRequest, check_include_query
 from hpcllm.gateway.responses.serving import create_response, delete_response, list_input_items, stored_response
 from hpcllm.gateway.runtime import current_gateway
@@ -14,6 +15,7 @@ bp = Blueprint("responses", __name__)
 
 
 @bp.post("/v1/responses")
+@uses_model
 def responses():
     return create_response(current_gateway(), RequestContext.current(), parse_body(ResponsesRequest))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from flask import Blueprint
 
 from hpcllm.gateway.protocol import parse_body
+from hpcllm.gateway.ratelimit import uses_model
 from hpcllm.gateway.runtime import current_gateway
 from hpcllm.gateway.score.protocol import RerankRequest, ScoreRequest
 from hpcllm.gateway.score.serving import create_rerank, create_score
@@ -17,6 +18,7 @@ rerank_bp = Blueprint("rerank", __name__)
 
 @score_bp.post("/v1/score")
 @score_bp.post("/score")
+@uses_model
 def score():
     return create_score(current_gateway(), RequestContext.current(), parse_body(ScoreRequest))
 
@@ -24,5 +26,6 @@ def score():
 @rerank_bp.post("/v1/rerank")
 @rerank_bp.post("/v2/rerank")
 @rerank_bp.post("/rerank")
+@uses_model
 def rerank():
     return create_rerank(current_gateway(), RequestContext.current(), parse_body(RerankRequest))

@@ -1202,14 +1202,13 @@ def test_a_batch_waits_out_its_keys_rate_limit(gated_factory):
     wait_until(lambda: metric(gw, "hpcllm_http_requests_total", endpoint="/v1/completions", status="429") >= 1)
     gw.state.shared.refund(bucket, **limit, amount=61, now=time.time())  # full again: the retry goes through
     service, owner = service_of(gw), owner_of(key)
-    # Polled in the database: a GET would take from the same bucket.
     done = wait_until(lambda: (row := service.batches.get(owner, batch.id)).batch.status in FINAL and row.batch)
     assert done.status == "completed"
     assert (done.request_counts.completed, done.request_counts.failed) == (3, 0)
 
 
 def test_a_batch_waiting_out_its_keys_rate_limit_leaves_its_slots_to_another_keys_batch(gated_factory):
-    """batch_concurrency 2: alice's key allows a request a minute, which her upload took: her batch's requests are
+    """batch_concurrency 2: alice's key allows a request a minute, which is taken: her batch's requests are
     answered 429 with a Retry-After of about a minute, which it waits out without holding the process's slots: bob's
     batch runs and ends meanwhile."""
     from hpcllm.gateway.batches.protocol import CreateBatchRequest
@@ -1221,6 +1220,7 @@ def test_a_batch_waiting_out_its_keys_rate_limit_leaves_its_slots_to_another_key
     service, alice = service_of(gw), owner_of(gw.state.api_keys[USER_KEY])
     lines = jsonl([completion_line(f"r{i}") for i in range(3)])
     source = gw.client().files.create(file=("in.jsonl", io.BytesIO(lines)), purpose="batch")
+    gw.state.limiter.take_request(gw.state.api_keys[USER_KEY])  # her minute's one request: her bucket is empty
     limited = create(service, alice, CreateBatchRequest(input_file_id=source.id, endpoint="/v1/completions",
                                                         completion_window="24h"))  # her bucket is empty: not by HTTP
     wait_until(lambda: metric(gw, "hpcllm_http_requests_total", endpoint="/v1/completions", status="429") >= 2)
@@ -1251,6 +1251,7 @@ def test_a_batch_waiting_out_its_keys_rate_limit_keeps_its_place_where_the_proce
     runner = service.runner
     source = gw.client().files.create(file=("in.jsonl", io.BytesIO(jsonl([completion_line("r0")]))),
                                       purpose="batch")
+    gw.state.limiter.take_request(gw.state.api_keys[USER_KEY])  # her minute's one request: her bucket is empty
     limited = create(service, alice, CreateBatchRequest(input_file_id=source.id, endpoint="/v1/completions",
                                                         completion_window="24h")).id  # her bucket is empty
     wait_until(lambda: metric(gw, "hpcllm_http_requests_total", endpoint="/v1/completions", status="429") >= 1)
@@ -1275,7 +1276,7 @@ def test_a_batch_waiting_out_its_keys_rate_limit_keeps_its_place_where_the_proce
 
 def test_with_one_slot_a_batch_waiting_out_its_keys_rate_limit_hands_the_process_to_another_keys_batch(
         gated_factory):
-    """batch_concurrency 1: alice's batch waits out her key's rate limit (a request a minute, which her upload took);
+    """batch_concurrency 1: alice's batch waits out her key's rate limit (a request a minute, which is taken);
     the process runs one batch at a time, so it hands hers back at once (not at its turn's end, 5 minutes later):
     bob's batch runs and ends meanwhile, hers goes on after."""
     from hpcllm.gateway.batches.protocol import CreateBatchRequest
@@ -1287,6 +1288,7 @@ def test_with_one_slot_a_batch_waiting_out_its_keys_rate_limit_hands_the_process
     service, alice = service_of(gw), owner_of(gw.state.api_keys[USER_KEY])
     source = gw.client().files.create(file=("in.jsonl", io.BytesIO(jsonl([completion_line("r0")]))),
                                       purpose="batch")
+    gw.state.limiter.take_request(gw.state.api_keys[USER_KEY])  # her minute's one request: her bucket is empty
     limited = create(service, alice, CreateBatchRequest(input_file_id=source.id, endpoint="/v1/completions",
                                                         completion_window="24h"))  # her bucket is empty: not by HTTP
     wait_until(lambda: metric(gw, "hpcllm_http_requests_total", endpoint="/v1/completions", status="429") >= 1)
@@ -1342,7 +1344,7 @@ def test_a_batch_that_runs_on_after_a_hand_over_mid_turn_keeps_its_turns_end(gat
 
 
 def test_two_batches_of_one_rate_limited_key_do_not_hand_the_process_to_each_other_in_a_loop(gated_factory):
-    """batch_concurrency 1, two batches of alice's key, which allows a request a minute (her upload took it): the
+    """batch_concurrency 1, two batches of alice's key, which allows a request a minute (taken): the
     batch handed back while waiting out her limit is not claimed again before the limit's end (each claim would send
     a request only to be refused 429 and hand back again, in a loop); the other waits it out holding the process."""
     from hpcllm.gateway.batches.protocol import CreateBatchRequest
@@ -1353,6 +1355,7 @@ def test_two_batches_of_one_rate_limited_key_do_not_hand_the_process_to_each_oth
     service, alice = service_of(gw), owner_of(gw.state.api_keys[USER_KEY])
     source = gw.client().files.create(file=("in.jsonl", io.BytesIO(jsonl([completion_line("r0")]))),
                                       purpose="batch")
+    gw.state.limiter.take_request(gw.state.api_keys[USER_KEY])  # her minute's one request: her bucket is empty
     made = [create(service, alice, CreateBatchRequest(input_file_id=source.id, endpoint="/v1/completions",
                                                       completion_window="24h")).id for _ in range(2)]
     wait_until(lambda: metric(gw, "hpcllm_http_requests_total", endpoint="/v1/completions", status="429") >= 2)

@@ -230,12 +230,18 @@ def test_admin_api_without_a_controller_says_so(gateway):
 
 def test_request_limit_is_429_with_retry_after_per_key(make_gateway):
     gw = make_gateway(api_keys=[{"key": USER_KEY, "requests_per_minute": 2}, {"key": "sk-other"}])
-    assert gw.get("/v1/models").status_code == 200
-    assert gw.get("/v1/models").status_code == 200
-    resp = gw.get("/v1/models")
+    assert gw.post("/v1/completions", json=GOOD).status_code == 200
+    assert_error(gw.post("/v1/completions", json={**GOOD, "max_tokens": -1}), 422, "invalid_value")  # counted too
+    resp = gw.post("/v1/completions", json=GOOD)
     assert_error(resp, 429, "rate_limit_exceeded")
     assert 20 <= int(resp.headers["Retry-After"]) <= 30  # one request refills every 30 s
-    assert gw.get("/v1/models", key="sk-other").status_code == 200  # limits are per key
+    assert gw.post("/v1/completions", json=GOOD, key="sk-other").status_code == 200  # limits are per key
+    for path, body in (("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+                       ("/v1/embeddings", {"model": MODEL, "input": "hi"}), ("/tokenize", {"prompt": "hi"})):
+        assert_error(gw.post(path, json=body), 429, "rate_limit_exceeded")
+    # Reads are not model requests: the models and the model's tokenizer stay readable.
+    for path in ("/v1/models", f"/v1/models/{MODEL}", "/tokenizer_info"):
+        assert gw.get(path).status_code == 200, path
 
 
 def test_token_limit_reserves_max_tokens_and_refunds_what_was_not_generated(make_gateway):

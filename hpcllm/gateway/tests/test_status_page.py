@@ -6,6 +6,7 @@ it, and that users never see internal addresses.
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -285,3 +286,37 @@ def test_users_view_names_no_checkpoint_or_adapter_paths_nor_slurm_accounts(make
     assert model["name"] == "llama-7b" and model["lora_adapters"] == ["llama-legal"]
     for secret in (str(tmp_path), "proj-secret", "vip-qos", "\"slurm\""):
         assert secret not in user.text, secret
+
+
+def test_a_key_whose_request_budget_is_used_up_still_reads_status_files_and_batches(status_gateway):
+    """requests_per_minute counts the requests that use a model: a key whose budget is used up (a running batch,
+    a loop of completions) is 429 there, but still reads its batch's progress, its files and the status page (which
+    polls every 2 s), and still uploads files, creates and cancels batches (test_errors.py: the models)."""
+    import io
+    import json
+
+    from hpcllm.gateway.ratelimit import _bucket_id
+
+    gw = status_gateway(status_page_users=True,
+                        api_keys=[{"key": USER_KEY, "name": "alice", "requests_per_minute": 2}])
+    key = gw.state.api_keys[USER_KEY]
+    # Both taken, and 1 more, as of an hour from now: the bucket stays empty for this test.
+    gw.state.shared.take(_bucket_id(key, "requests"), capacity=2, per_second=2 / 60, cost=3,
+                         now=time.time() + 3600)
+    for path, body in (("/v1/completions", {"model": "llama-7b", "prompt": "hi", "max_tokens": 1}),
+                       ("/v1/embeddings", {"model": "llama-7b", "input": "hi"})):
+        resp = gw.post(path, json=body)
+        assert resp.status_code == 429 and resp.json()["error"]["code"] == "rate_limit_exceeded", resp.text
+
+    client = gw.client()
+    line = {"custom_id": "r0", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "llama-7b", "prompt": "hi", "max_tokens": 1}}
+    source = client.files.create(file=("in.jsonl", io.BytesIO(json.dumps(line).encode() + b"\n")), purpose="batch")
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/completions", completion_window="24h")
+    for _ in range(3):
+        for path in (f"/v1/batches/{batch.id}", "/v1/batches", "/v1/files", f"/v1/files/{source.id}", "/v1/status"):
+            resp = gw.get(path)
+            assert resp.status_code == 200, (path, resp.text)
+    assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
+    assert gw.get("/v1/files", key="sk-wrong").status_code == 401  # every /v1 path still needs a key
+

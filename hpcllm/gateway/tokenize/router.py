@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, request
 
 from hpcllm.gateway.protocol import parse_body
+from hpcllm.gateway.ratelimit import uses_model
 from hpcllm.gateway.runtime import current_gateway
 from hpcllm.gateway.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 from hpcllm.gateway.tokenize.serving import detokenize, tokenize, tokenizer_info
@@ -13,11 +14,13 @@ bp = Blueprint("tokenize", __name__)
 
 
 @bp.post("/tokenize")
+@uses_model
 def tokenize_route():
     return tokenize(current_gateway(), parse_body(TokenizeRequest))
 
 
 @bp.post("/detokenize")
+@uses_model
 def detokenize_route():
     return detokenize(current_gateway(), parse_body(DetokenizeRequest))
 
