@@ -320,3 +320,44 @@ def test_a_key_whose_request_budget_is_used_up_still_reads_status_files_and_batc
     assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
     assert gw.get("/v1/files", key="sk-wrong").status_code == 401  # every /v1 path still needs a key
 
+
+def test_many_status_polls_within_a_second_reach_the_controller_once(make_gateway, tmp_path, monkeypatch):
+    """Every open status tab polls /v1/status every 2 s: a gateway process answers them from the controller's status
+    it fetched within the last STATUS_CACHE_S, so N tabs (polling at once too) cost the controller one call per
+    period, not N. Each group still gets its own view of it."""
+    import threading
+    from types import SimpleNamespace
+
+    from hpcllm.gateway.status import router as status_router
+
+    h = Harness(tmp_path, admin_key=ADMIN_KEY)
+    h.deploy("llama-7b")
+    h.register("gpu0001")
+    controller_app, asked = create_controller_app(h.controller), []
+
+    def counting(environ, start_response):
+        if environ["PATH_INFO"] == "/v1/admin/status":
+            asked.append(environ["PATH_INFO"])
+        return controller_app(environ, start_response)
+
+    now = [1000.0]
+    monkeypatch.setattr(status_router, "time", SimpleNamespace(monotonic=lambda: now[0]), raising=False)
+    server = ThreadServer(counting)
+    try:
+        gw = make_gateway(router=None, static_models={}, controller_url=server.url, status_page_users=True)
+        answers = []
+        polls = [threading.Thread(target=lambda: answers.append(gw.get("/v1/status"))) for _ in range(8)]
+        for poll in polls:
+            poll.start()
+        for poll in polls:
+            poll.join()
+        answers += [gw.get("/v1/status") for _ in range(8)]
+        assert [a.status_code for a in answers] == [200] * 16
+        assert all([n["node_id"] for n in a.json()["nodes"]] == ["gpu0001"] for a in answers)
+        assert len(asked) == 1
+        now[0] += status_router.STATUS_CACHE_S + 0.1  # the period is over: the next poll asks again
+        assert gw.get("/v1/status").status_code == 200
+        assert len(asked) == 2
+    finally:
+        server.stop()
+        h.registry.close()
