@@ -239,8 +239,10 @@ def test_request_limit_is_429_with_retry_after_per_key(make_gateway):
     for path, body in (("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
                        ("/v1/embeddings", {"model": MODEL, "input": "hi"}), ("/tokenize", {"prompt": "hi"})):
         assert_error(gw.post(path, json=body), 429, "rate_limit_exceeded")
-    # Reads are not model requests: the models and the model's tokenizer stay readable.
-    for path in ("/v1/models", f"/v1/models/{MODEL}", "/tokenizer_info"):
+    # /tokenizer_info loads the model's tokenizer (?model= cycling through models would make others wait): counted.
+    assert_error(gw.get(f"/tokenizer_info?model={MODEL}"), 429, "rate_limit_exceeded")
+    # The models are reads, not model requests: they stay readable.
+    for path in ("/v1/models", f"/v1/models/{MODEL}"):
         assert gw.get(path).status_code == 200, path
 
 

@@ -26,6 +26,9 @@ def detokenize_route():
 
 
 @bp.get("/tokenizer_info")
+@uses_model
 def tokenizer_info_route():
+    # A model request, though a read: it loads the model's tokenizer (8 kept, one load at a time per process), so a
+    # key cycling ?model= through more models than that would make other users' first requests wait on its loads.
     # The model as a query parameter (?model=NAME): a GET has no body; vLLM's takes none, serving one model.
     return tokenizer_info(current_gateway(), request.args.get("model"))
