@@ -246,6 +246,41 @@ def test_request_limit_is_429_with_retry_after_per_key(make_gateway):
         assert gw.get(path).status_code == 200, path
 
 
+# Every route of the gateway, by whether it uses a model (takes one of the key's requests per minute: @uses_model).
+MODEL_ROUTES = {
+    "POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses", "POST /v1/embeddings",
+    "POST /v1/score", "POST /score", "POST /v1/rerank", "POST /v2/rerank", "POST /rerank", "POST /v1/classify",
+    "POST /classify", "POST /tokenize", "POST /detokenize", "GET /tokenizer_info",
+}
+OTHER_ROUTES = {
+    "GET /health", "GET /ready", "GET /metrics", "GET /status", "GET /static/<path:filename>", "GET /v1/status",
+    "GET /v1/models", "GET /v1/models/<path:model>",
+    "POST /v1/files", "GET /v1/files", "GET /v1/files/<file_id>", "DELETE /v1/files/<file_id>",
+    "GET /v1/files/<file_id>/content",
+    "POST /v1/batches", "GET /v1/batches", "GET /v1/batches/<batch_id>", "POST /v1/batches/<batch_id>/cancel",
+    "GET /v1/responses/<response_id>", "DELETE /v1/responses/<response_id>",
+    "GET /v1/responses/<response_id>/input_items",
+    "POST /v1/conversations", "GET /v1/conversations/<conversation_id>", "POST /v1/conversations/<conversation_id>",
+    "DELETE /v1/conversations/<conversation_id>", "POST /v1/conversations/<conversation_id>/items",
+    "GET /v1/conversations/<conversation_id>/items", "GET /v1/conversations/<conversation_id>/items/<item_id>",
+    "DELETE /v1/conversations/<conversation_id>/items/<item_id>",
+    "POST /v1/load_lora_adapter", "POST /v1/unload_lora_adapter",
+    *(f"{method} /v1/admin/{rest}" for method in ("GET", "POST", "PUT", "PATCH", "DELETE")
+      for rest in ("usage", "<path:rest>")),
+}
+
+
+def test_every_route_is_counted_or_not_by_choice(gateway):
+    """A route left unmarked takes nothing from a key's requests per minute: a new route that uses a model must be
+    marked @uses_model, and either way be added to one of the two lists above, so that is decided, not forgotten."""
+    from hpcllm.gateway.ratelimit import counts_as_request
+
+    routes = {(f"{method} {rule.rule}", counts_as_request(gateway.app.view_functions[rule.endpoint]))
+              for rule in gateway.app.url_map.iter_rules() for method in rule.methods - {"HEAD", "OPTIONS"}}
+    assert {route for route, counted in routes if counted} == MODEL_ROUTES
+    assert {route for route, counted in routes if not counted} == OTHER_ROUTES
+
+
 def test_token_limit_reserves_max_tokens_and_refunds_what_was_not_generated(make_gateway):
     gw = make_gateway(api_keys=[{"key": USER_KEY, "tokens_per_minute": 40}])
     body = {**GOOD, "max_tokens": 30, "ignore_eos": True}
