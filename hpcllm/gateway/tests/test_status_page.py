@@ -334,10 +334,12 @@ def test_many_status_polls_within_a_second_reach_the_controller_once(make_gatewa
     h.deploy("llama-7b")
     h.register("gpu0001")
     controller_app, asked = create_controller_app(h.controller), []
+    all_polls_in = threading.Event()
 
     def counting(environ, start_response):
         if environ["PATH_INFO"] == "/v1/admin/status":
             asked.append(environ["PATH_INFO"])
+            all_polls_in.wait(timeout=60)  # the answer comes once all 8 polls wait for it (or could ask themselves)
         return controller_app(environ, start_response)
 
     now = [1000.0]
@@ -345,12 +347,22 @@ def test_many_status_polls_within_a_second_reach_the_controller_once(make_gatewa
     server = ThreadServer(counting)
     try:
         gw = make_gateway(router=None, static_models={}, controller_url=server.url, status_page_users=True)
+        cache, polls_in = gw.app.extensions[status_router.STATUS_CACHE_KEY], []
+
+        def counting_polls(fetch, body=cache.body):
+            polls_in.append(fetch)
+            if len(polls_in) == 8:
+                all_polls_in.set()
+            return body(fetch)
+
+        monkeypatch.setattr(cache, "body", counting_polls)
         answers = []
         polls = [threading.Thread(target=lambda: answers.append(gw.get("/v1/status"))) for _ in range(8)]
         for poll in polls:
             poll.start()
         for poll in polls:
             poll.join()
+        assert all_polls_in.is_set()  # all 8 were in flight together while the controller held its answer
         answers += [gw.get("/v1/status") for _ in range(8)]
         assert [a.status_code for a in answers] == [200] * 16
         assert all([n["node_id"] for n in a.json()["nodes"]] == ["gpu0001"] for a in answers)
