@@ -324,15 +324,21 @@ def test_a_key_whose_request_budget_is_used_up_still_reads_status_files_and_batc
 def test_many_status_polls_within_a_second_reach_the_controller_once(make_gateway, tmp_path, monkeypatch):
     """Every open status tab polls /v1/status every 2 s: a gateway process answers them from the controller's status
     it fetched within the last STATUS_CACHE_S, so N tabs (polling at once too) cost the controller one call per
-    period, not N. Each group still gets its own view of it."""
+    period, not N. Each group still gets its own view of it (chemistry's polls, filtering out physics' pool node, do
+    not hide it from the physics polls that share the copy)."""
     import threading
     from types import SimpleNamespace
 
+    from hpcllm.controller.protocol import PoolTokenRequest
     from hpcllm.gateway.status import router as status_router
 
     h = Harness(tmp_path, admin_key=ADMIN_KEY)
     h.deploy("llama-7b")
     h.register("gpu0001")
+    token = h.controller.issue_pool_token(PoolTokenRequest(model="llama-7b", group="physics")).token
+    h.backend.run_job("77", "phys1")  # physics' own pool job
+    h.controller.register(NodeRegistration(node_id="phys1", agent_url="http://phys1:9000", pool_model="llama-7b",
+                                           slurm_job_id="77"), principal=h.controller.authenticate_token(token))
     controller_app, asked = create_controller_app(h.controller), []
     all_polls_in = threading.Event()
 
@@ -346,7 +352,10 @@ def test_many_status_polls_within_a_second_reach_the_controller_once(make_gatewa
     monkeypatch.setattr(status_router, "time", SimpleNamespace(monotonic=lambda: now[0]), raising=False)
     server = ThreadServer(counting)
     try:
-        gw = make_gateway(router=None, static_models={}, controller_url=server.url, status_page_users=True)
+        keys = [{"key": USER_KEY, "name": "alice", "group": "chemistry"},
+                {"key": "sk-physics-user", "name": "bob", "group": "physics"}]
+        gw = make_gateway(router=None, static_models={}, controller_url=server.url, status_page_users=True,
+                          api_keys=keys)
         cache, polls_in = gw.app.extensions[status_router.STATUS_CACHE_KEY], []
 
         def counting_polls(fetch, body=cache.body):
@@ -356,16 +365,18 @@ def test_many_status_polls_within_a_second_reach_the_controller_once(make_gatewa
             return body(fetch)
 
         monkeypatch.setattr(cache, "body", counting_polls)
-        answers = []
-        polls = [threading.Thread(target=lambda: answers.append(gw.get("/v1/status"))) for _ in range(8)]
+        answers, groups_keys = [], [USER_KEY, "sk-physics-user"] * 4  # chemistry and physics alternately
+        polls = [threading.Thread(target=lambda key=key: answers.append((key, gw.get("/v1/status", key=key))))
+                 for key in groups_keys]
         for poll in polls:
             poll.start()
         for poll in polls:
             poll.join()
         assert all_polls_in.is_set()  # all 8 were in flight together while the controller held its answer
-        answers += [gw.get("/v1/status") for _ in range(8)]
-        assert [a.status_code for a in answers] == [200] * 16
-        assert all([n["node_id"] for n in a.json()["nodes"]] == ["gpu0001"] for a in answers)
+        answers += [(key, gw.get("/v1/status", key=key)) for key in groups_keys]
+        assert [a.status_code for _, a in answers] == [200] * 16
+        seen = {USER_KEY: ["gpu0001"], "sk-physics-user": ["gpu0001", "phys1"]}  # each group its own view
+        assert [sorted(n["node_id"] for n in a.json()["nodes"]) for _, a in answers] == [seen[k] for k, _ in answers]
         assert len(asked) == 1
         now[0] += status_router.STATUS_CACHE_S + 0.1  # the period is over: the next poll asks again
         assert gw.get("/v1/status").status_code == 200
