@@ -384,3 +384,42 @@ def test_many_status_polls_within_a_second_reach_the_controller_once(make_gatewa
     finally:
         server.stop()
         h.registry.close()
+
+
+def test_a_failed_status_fetch_is_kept_for_the_period_only(make_gateway, tmp_path, monkeypatch):
+    """A controller that did not give its status is not asked again by every poll of the period (a storm of tabs on
+    a struggling controller), but only for STATUS_CACHE_S: the next period's poll shows the status again."""
+    from types import SimpleNamespace
+
+    from hpcllm.gateway.status import router as status_router
+
+    h = Harness(tmp_path, admin_key=ADMIN_KEY)
+    h.deploy("llama-7b")
+    h.register("gpu0001")
+    controller_app, asked = create_controller_app(h.controller), []
+
+    def failing_once(environ, start_response):
+        if environ["PATH_INFO"] == "/v1/admin/status":
+            asked.append(environ["PATH_INFO"])
+            if len(asked) == 1:  # the first call fails, as a controller restarting or overloaded
+                start_response("500 INTERNAL SERVER ERROR", [("Content-Type", "text/plain")])
+                return [b"internal error"]
+        return controller_app(environ, start_response)
+
+    now = [1000.0]
+    monkeypatch.setattr(status_router, "time", SimpleNamespace(monotonic=lambda: now[0]), raising=False)
+    server = ThreadServer(failing_once)
+    try:
+        gw = make_gateway(router=None, static_models={}, controller_url=server.url, status_page_users=True)
+        for _ in range(2):  # within the period: the failure is remembered, the controller not asked again
+            resp = gw.get("/v1/status")
+            assert resp.status_code == 503 and resp.json()["error"]["code"] == "controller_unreachable", resp.text
+        assert len(asked) == 1
+        now[0] += status_router.STATUS_CACHE_S + 0.1  # the period is over: the next poll asks again, and gets it
+        resp = gw.get("/v1/status")
+        assert resp.status_code == 200, resp.text
+        assert [n["node_id"] for n in resp.json()["nodes"]] == ["gpu0001"]
+        assert len(asked) == 2
+    finally:
+        server.stop()
+        h.registry.close()
