@@ -1,9 +1,10 @@
 """Per-API-key request and token limits (token buckets in SharedState, so all gateway processes share them).
 
 Each key has two buckets: requests (capacity requests_per_minute, refilled continuously at rpm/60 per second,
-cost 1 per request that uses a model: a route marked @uses_model) and tokens (capacity tokens_per_minute; a request reserves prompt_tokens + max_tokens up
-front and gets back what its generation did not use when it ends). An empty bucket means 429 with Retry-After
-set to the seconds until the request would fit; a request reserving more than the whole bucket is a 429 at once.
+cost 1 per request that uses a model: a route marked @uses_model) and tokens (capacity tokens_per_minute; a request
+reserves prompt_tokens + max_tokens up front and gets back what its generation did not use when it ends). An empty
+bucket means 429 with Retry-After set to the seconds until the request would fit; a request reserving more than the
+whole bucket is a 429 at once.
 Each key may also hold a bounded number of streams at once (stream slots, shared by all gateway processes).
 """
 
