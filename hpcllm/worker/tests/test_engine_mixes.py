@@ -15,6 +15,8 @@ import pytest
 from hpcllm.worker.engine import Engine
 from hpcllm.worker.protocol import FinalLine, GenerateRequest
 
+from .test_priority import StepLog
+
 MAX_MODEL_LEN = 96
 ACROSS = ("m1", "m5", "m8")  # requests whose stop string completes across a token boundary
 CORPUS = ("the cat sat on the mat and the dog sat on the log while the scheduler queued every job that asked for a "
@@ -136,27 +138,20 @@ def test_a_campus_mix_under_preemption_speculation_and_cancels_gets_each_request
             if len(tokens) == cancel_after[request_id] + 1:
                 engine.cancel(request_id, wait=request_id == "m2")
 
+    # the second wave arrives while the first runs: the engine waits inside its second step until all are queued
+    steps = StepLog(engine, pause_after=2)
     try:
-        readers = []
         with engine._lock:  # the first wave arrives together
-            first = [engine.submit(r) for r in requests[:6]]
-        first_token = next(first[0].events())
-        for r, stream in zip(requests[:6], first):
-            readers.append(threading.Thread(target=read, args=(r.request_id, stream)))
-        for r in requests[6:]:  # the rest join the running batch, one by one
-            readers.append(threading.Thread(target=read, args=(r.request_id, engine.submit(r))))
-            readers[-1].start()
-        for reader in readers[:6]:
+            streams = [engine.submit(r) for r in requests[:6]]
+        assert steps.paused.wait(120), "the engine never ran the first wave's second step"
+        streams += [engine.submit(r) for r in requests[6:]]  # the rest join the running batch, one by one
+        steps.go.set()
+        readers = [threading.Thread(target=read, args=(r.request_id, stream)) for r, stream in zip(requests, streams)]
+        for reader in readers:
             reader.start()
         for reader in readers:
             reader.join(300)
         assert batched.keys() == solo.keys()
-        first_answer = batched["m0"]
-        first_answer["tokens"] = [first_token.token_id, *first_answer["tokens"]]
-        first_answer["indices"] = [first_token.index, *first_answer["indices"]]
-        first_answer["text"] = first_token.text + first_answer["text"]
-        first_answer["logprobs"] = [None, *first_answer["logprobs"]]
-        first_answer["prompt_logprobs"] = [p and p.logprob for p in first_token.prompt_logprobs or []]
         for r in requests:
             if r.request_id in cancel_after:  # what it got before the cancel is the start of its solo answer
                 got, finish_reason = batched[r.request_id]
@@ -168,4 +163,5 @@ def test_a_campus_mix_under_preemption_speculation_and_cancels_gets_each_request
         with engine._lock:
             assert engine.kv_pool.used_blocks == 0  # every block came back: none leaked by preemptions or cancels
     finally:
+        steps.go.set()  # a failed submit must not leave the engine paused for its shutdown
         engine.shutdown()
