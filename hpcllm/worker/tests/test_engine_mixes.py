@@ -124,19 +124,23 @@ def test_a_campus_mix_under_preemption_speculation_and_cancels_gets_each_request
                     prefill_chunk_tokens=16, speculative_ngram_tokens=3, model_process=model_process).start()
     cancel_after = {"m2": 2, "m11": 0}  # cancelled once they have this many tokens more
     batched: dict[str, dict | tuple[list[int], str]] = {}
+    failed: dict[str, Exception] = {}  # a reader thread's exception, shown in the test's failure
 
     def read(request_id, stream):
-        if request_id not in cancel_after:
-            batched[request_id] = answer(list(stream.events()))
-            return
-        tokens = []
-        for event in stream.events():
-            if isinstance(event, FinalLine):
-                batched[request_id] = (tokens, event.finish_reason)
+        try:
+            if request_id not in cancel_after:
+                batched[request_id] = answer(list(stream.events()))
                 return
-            tokens.append(event.token_id)
-            if len(tokens) == cancel_after[request_id] + 1:
-                engine.cancel(request_id, wait=request_id == "m2")
+            tokens = []
+            for event in stream.events():
+                if isinstance(event, FinalLine):
+                    batched[request_id] = (tokens, event.finish_reason)
+                    return
+                tokens.append(event.token_id)
+                if len(tokens) == cancel_after[request_id] + 1:
+                    engine.cancel(request_id, wait=request_id == "m2")
+        except Exception as error:  # reported by the test's thread, which asserts there is none
+            failed[request_id] = error
 
     # the second wave arrives while the first runs: the engine waits inside its second step until all are queued
     steps = StepLog(engine, pause_after=2)
@@ -151,6 +155,8 @@ def test_a_campus_mix_under_preemption_speculation_and_cancels_gets_each_request
             reader.start()
         for reader in readers:
             reader.join(300)
+        assert not any(reader.is_alive() for reader in readers), f"requests still streaming after 300 s: {failed}"
+        assert not failed, f"reading a stream failed: {failed}"
         assert batched.keys() == solo.keys()
         for r in requests:
             if r.request_id in cancel_after:  # what it got before the cancel is the start of its solo answer
