@@ -56,26 +56,36 @@ def instance(client) -> dict:
     return info
 
 
-def test_a_two_rank_instance_serves_transformers_greedy_tokens_and_stops_every_rank(agent, client, tp_converted,
-                                                                                    tiny_llama_dir, tmp_path):
-    """Transformers' greedy tokens, also for a prompt prefilled over several steps that keep no logits (the output
-    projection's all-gather of zero rows), for a request reusing the ranks after the first's KV blocks were freed
-    and for concurrent requests sharing each step's batched forward on every rank (the batched engine's StepBatch)."""
+def test_a_two_rank_instance_serves_greedy_tokens_live_migrates_a_stream_and_stops_every_rank(
+        agent, client, tp_converted, tiny_llama_dir, tmp_path):
+    """One 2-rank instance (and a 1-rank one to migrate to) for what its ranks serve, in order:
+    - transformers' greedy tokens, also for a prompt prefilled over several steps that keep no logits (the output
+      projection's all-gather of zero rows), for a request reusing the ranks after the first's KV blocks were freed
+      and for concurrent requests sharing each step's batched forward on every rank (the batched engine's StepBatch);
+    - the worker API of a TP instance is the same as one rank's: migrate-out moves a running greedy stream (its
+      tokens) to the 1-rank instance, which finishes it exactly like an uninterrupted run;
+    - the drain signal leaves every rank serving; the stop ends every rank, exit status 0."""
+    from hpcllm.worker.protocol import FinalLine, TokenLine
+
     config = tmp_path / "hpcllm.toml"
     config.write_text(f'[cluster]\nshared_secret = "{SECRET}"\n[worker]\nprefill_chunk_tokens = 4\n')  # two steps
     config.chmod(0o600)
     agent.config_path = agent.workers.config_path = config  # the workers' config, as the agent passes its own
-    body = {"model": "tp-llama", "source": str(tp_converted), "tensor_parallel": 2}
-    resp = client.post("/v1/internal/instances", json=body, headers=AUTH)
-    assert resp.status_code == 202, resp.get_json()
-    iid = resp.get_json()["instance_id"]
 
-    def ready():
-        info = instance(client)
+    def start(ranks: int) -> str:
+        resp = client.post("/v1/internal/instances", headers=AUTH, json={
+            "model": "tp-llama", "source": str(tp_converted), "tensor_parallel": ranks})
+        assert resp.status_code == 202, resp.get_json()
+        return resp.get_json()["instance_id"]
+
+    def ready(iid: str):
+        info = next(i for i in client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"]
+                    if i["instance_id"] == iid)
         assert info["state"] in ("loading", "ready"), info
         return info if info["state"] == "ready" else None
 
-    info = wait_for(ready, timeout=240, what="the two-rank instance to become ready")
+    iid, destination_id = start(2), start(1)  # both load at once
+    info = wait_for(lambda: ready(iid), timeout=240, what="the two-rank instance to become ready")
     process = agent.workers.get(iid).process
     assert process.args[:3] == ["mpirun", "-n", "2"]
     ranks = ranks_of(process.pid)
@@ -100,6 +110,32 @@ def test_a_two_rank_instance_serves_transformers_greedy_tokens_and_stops_every_r
 
     with ThreadPoolExecutor(3) as pool:
         assert list(pool.map(greedy, ("a", "b", "c"))) == [expected] * 3
+
+    # Live migration of a running stream to the 1-rank instance.
+    source_url = info["worker_url"]
+    destination_url = wait_for(lambda: ready(destination_id), timeout=240, what="the 1-rank destination")["worker_url"]
+    request = GenerateRequest(request_id="moving", prompt="hello world, this", max_tokens=150, ignore_eos=True,
+                              temperature=0)
+    with WorkerClient(destination_url, SECRET) as destination:
+        with destination.generate(request.model_copy(update={"request_id": "reference"})) as stream:
+            reference = [line.token_id for line in stream if isinstance(line, TokenLine)]
+
+    with WorkerClient(source_url, SECRET) as source, WorkerClient(destination_url, SECRET) as destination:
+        with source.generate(request) as stream:
+            lines = iter(stream)
+            received = [next(lines) for _ in range(3)]
+            ticket = issue_ticket(model="tp-llama", source_instance=iid, source_key=SECRET,
+                                  destination_url=destination_url, destination_instance=destination_id,
+                                  destination_key=SECRET)  # as the controller would
+            outcome = agent.workers.migrate_out(iid, destination_url, timeout=60, ticket=ticket)
+            received += list(lines)
+        final = received.pop()
+        assert isinstance(final, FinalLine) and final.finish_reason == "migrated", final
+        assert [m.request_id for m in outcome.migrated] == ["moving"] and outcome.error is None, outcome
+        with destination.attach(final.migrated_to.request_id, final.migrated_to.from_index) as attached:
+            rest = list(attached)
+    tokens = [line.token_id for line in received + rest if isinstance(line, TokenLine)]
+    assert tokens == reference, "the migrated stream differs from an uninterrupted run"
 
     # The drain signal (Slurm's scancel --signal reaches every process of the job) leaves every rank serving.
     for rank in ranks:
@@ -143,17 +179,19 @@ def test_a_corrupt_slice_on_rank_1_fails_the_instance_naming_rank_1(agent, clien
     assert running(ranks) == [] and mpirun.poll() is not None
 
 
-def test_a_corrupt_slice_copy_is_replaced_like_a_corrupt_copy_and_the_next_start_serves(agent, client, tp_converted,
-                                                                                       tmp_path):
-    """Rank 1 reads its node's slice copy (hpcllm cache warm --tensor-parallel 2), one of whose bytes flipped: the
-    instance fails as a load on a corrupt copy (ChecksumMismatch's exit status) and the agent replaces that slice
-    copy, as it replaces a single worker's corrupt copy, so the next start serves. The ranks exited 1 and the agent
-    replaced nothing: every later start failed on the same slices until `hpcllm cache verify`."""
+def test_a_corrupt_slice_copy_is_replaced_and_the_next_start_serves_from_both_ranks_slice_copies(
+        agent, client, tp_converted, tiny_llama_dir, tmp_path):
+    """`hpcllm cache warm --tensor-parallel 2` left both ranks' slice copies on this node; one byte of rank 1's
+    flipped. The instance fails as a load on a corrupt copy (ChecksumMismatch's exit status) and the agent replaces
+    that slice copy, as it replaces a single worker's corrupt copy (the ranks exited 1 and the agent replaced nothing:
+    every later start failed on the same slices until `hpcllm cache verify`). The next start's ranks read their slices
+    from their copies (one read per tensor), hold them in use while they run, and serve transformers' tokens."""
     config = tmp_path / "hpcllm.toml"  # the ranks find the agent's slice copies through node.nvme_dir
     config.write_text(f'[cluster]\nshared_secret = "{SECRET}"\n[node]\nnvme_dir = "{agent.cache.nvme_dir}"\n')
     config.chmod(0o600)
-    agent.config_path = agent.workers.config_path = config
-    agent.cache.warm_slices("tp-llama", tp_converted, 2, 1)
+    agent.config_path = agent.workers.config_path = config  # as in production: the workers get the agent's config
+    for rank in (0, 1):
+        agent.cache.warm_slices("tp-llama", tp_converted, 2, rank)
     copy = open_slice_copy(agent.cache.nvme_path(slice_key("tp-llama", 2, 1)))
     piece = next(iter(copy.pieces.values()))
     with open(copy.data_path, "r+b") as f:
@@ -174,10 +212,34 @@ def test_a_corrupt_slice_copy_is_replaced_like_a_corrupt_copy_and_the_next_start
 
     resp = client.post("/v1/internal/instances", json=body, headers=AUTH)
     assert resp.status_code == 202, resp.get_json()
+    iid = resp.get_json()["instance_id"]
     info = wait_for(lambda: instance(client)["state"] != "loading" and instance(client), timeout=240,
                     what="the next start to load")
     assert info["state"] == "ready", info
-    assert [load["slice_copy"] for load in agent.workers.get(info["instance_id"]).rank_loads] == [False, True]
+    assert info["tensor_parallel"] == 2 and info["rank_nodes"] == [agent.node_id] * 2
+    assert [load["slice_copy"] for load in agent.workers.get(iid).rank_loads] == [True, True]
+    # The lead reports how each rank loaded: both from their slice copies, so the instance loaded from NVMe
+    # although the agent gave the ranks the origin's path.
+    assert (info["rank_tiers"], info["load_tier"]) == (["nvme", "nvme"], "nvme"), info
+    assert [c.in_use for c in agent.cache.list()] == [1, 1]  # each rank holds its copy
+
+    log = next(agent.workers.run_dir.glob(f"{iid}.log")).read_text()
+    for rank in (0, 1):
+        rank_copy = agent.cache.nvme_path(slice_key("tp-llama", 2, rank))
+        line = next(line for line in log.splitlines() if f"tensor-parallel rank {rank} on" in line)
+        assert f"from its slice copy {rank_copy})" in line and " (0 bytes from" not in line, line
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    prompt = AutoTokenizer.from_pretrained(tiny_llama_dir)("hello world", return_tensors="pt").input_ids
+    expected = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1]:].tolist()
+    with WorkerClient(info["worker_url"], SECRET) as worker:
+        with worker.generate(GenerateRequest(request_id="r1", prompt_token_ids=prompt[0].tolist(),
+                                             max_tokens=8, temperature=0)) as stream:
+            assert [line.token_id for line in stream if line.type == "token"] == expected
+    client.delete(f"/v1/internal/instances/{iid}", headers=AUTH)
+    assert [c.in_use for c in agent.cache.list()] == [0, 0]
 
 
 def test_tensor_parallel_starts_this_node_cannot_run_are_refused(client, tp_converted, monkeypatch):
@@ -210,96 +272,3 @@ def test_starts_spanning_nodes_this_agent_cannot_run_are_refused(client, tp_conv
     monkeypatch.setenv("PATH", "/nonexistent")
     assert "needs 'srun' on this node's PATH" in refusal()
     assert client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"] == []
-
-
-
-def test_a_two_rank_instance_live_migrates_its_stream_to_a_one_rank_instance(agent, client, tp_converted):
-    """The worker API of a TP instance is the same as one rank's: migrate-out moves a running greedy stream (its
-    tokens) to a 1-rank instance, which finishes it exactly like an uninterrupted run."""
-    from hpcllm.worker.protocol import FinalLine, TokenLine
-
-    def start(ranks: int) -> str:
-        resp = client.post("/v1/internal/instances", headers=AUTH, json={
-            "model": "tp-llama", "source": str(tp_converted), "tensor_parallel": ranks})
-        assert resp.status_code == 202, resp.get_json()
-        return resp.get_json()["instance_id"]
-
-    source_id, destination_id = start(2), start(1)
-
-    def ready(iid: str):
-        info = next(i for i in client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"]
-                    if i["instance_id"] == iid)
-        assert info["state"] in ("loading", "ready"), info
-        return info if info["state"] == "ready" else None
-
-    source_url = wait_for(lambda: ready(source_id), timeout=240, what="the 2-rank source")["worker_url"]
-    destination_url = wait_for(lambda: ready(destination_id), timeout=240, what="the 1-rank destination")["worker_url"]
-    request = GenerateRequest(request_id="moving", prompt="hello world, this", max_tokens=150, ignore_eos=True,
-                              temperature=0)
-    with WorkerClient(destination_url, SECRET) as destination:
-        with destination.generate(request.model_copy(update={"request_id": "reference"})) as stream:
-            reference = [line.token_id for line in stream if isinstance(line, TokenLine)]
-
-    with WorkerClient(source_url, SECRET) as source, WorkerClient(destination_url, SECRET) as destination:
-        with source.generate(request) as stream:
-            lines = iter(stream)
-            received = [next(lines) for _ in range(3)]
-            ticket = issue_ticket(model="tp-llama", source_instance=source_id, source_key=SECRET,
-                                  destination_url=destination_url, destination_instance=destination_id,
-                                  destination_key=SECRET)  # as the controller would
-            outcome = agent.workers.migrate_out(source_id, destination_url, timeout=60, ticket=ticket)
-            received += list(lines)
-        final = received.pop()
-        assert isinstance(final, FinalLine) and final.finish_reason == "migrated", final
-        assert [m.request_id for m in outcome.migrated] == ["moving"] and outcome.error is None, outcome
-        with destination.attach(final.migrated_to.request_id, final.migrated_to.from_index) as attached:
-            rest = list(attached)
-    tokens = [line.token_id for line in received + rest if isinstance(line, TokenLine)]
-    assert tokens == reference
-
-
-def test_each_rank_loads_from_its_slice_copy_on_the_node(tmp_path, tp_converted, tiny_llama_dir):
-    """`hpcllm cache warm --tensor-parallel 2` left both ranks' slice copies on this node: the instance's ranks read
-    their slices from them (one read per tensor), hold them in use while they run, and serve transformers' tokens."""
-    config = tmp_path / "hpcllm.toml"
-    config.write_text(f'[cluster]\nshared_secret = "{SECRET}"\n[node]\nnvme_dir = "{tmp_path / "nvme"}"\n')
-    config.chmod(0o600)
-    agent = make_agent(tmp_path)
-    agent.config_path = config  # the workers read the node's cache folder from the agent's config, as in production
-    agent.workers.config_path = config
-    try:
-        for rank in (0, 1):
-            agent.cache.warm_slices("tp-llama", tp_converted, 2, rank)
-        client = create_app(agent).test_client()
-        resp = client.post("/v1/internal/instances", json={"model": "tp-llama", "source": str(tp_converted),
-                                                            "tensor_parallel": 2}, headers=AUTH)
-        assert resp.status_code == 202, resp.get_json()
-        iid = resp.get_json()["instance_id"]
-        info = wait_for(lambda: instance(client)["state"] == "ready" and instance(client), timeout=240,
-                        what="the two-rank instance to become ready")
-        assert info["tensor_parallel"] == 2 and info["rank_nodes"] == [agent.node_id] * 2
-        # The lead reports how each rank loaded: both from their slice copies, so the instance loaded from NVMe
-        # although the agent gave the ranks the origin's path.
-        assert (info["rank_tiers"], info["load_tier"]) == (["nvme", "nvme"], "nvme"), info
-        assert [c.in_use for c in agent.cache.list()] == [1, 1]  # each rank holds its copy
-
-        log = next(agent.workers.run_dir.glob(f"{iid}.log")).read_text()
-        for rank in (0, 1):
-            copy = tmp_path / "nvme" / f"tp-llama+tp2.r{rank}"
-            line = next(line for line in log.splitlines() if f"tensor-parallel rank {rank} on" in line)
-            assert f"from its slice copy {copy})" in line and " (0 bytes from" not in line, line
-
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-        prompt = AutoTokenizer.from_pretrained(tiny_llama_dir)("hello world", return_tensors="pt").input_ids
-        expected = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1]:].tolist()
-        with WorkerClient(info["worker_url"], SECRET) as worker:
-            with worker.generate(GenerateRequest(request_id="r1", prompt_token_ids=prompt[0].tolist(),
-                                                 max_tokens=8, temperature=0)) as stream:
-                assert [line.token_id for line in stream if line.type == "token"] == expected
-        client.delete(f"/v1/internal/instances/{iid}", headers=AUTH)
-        assert [c.in_use for c in agent.cache.list()] == [0, 0]
-    finally:
-        agent.workers.stop_all(timeout=10)
-        agent.workers.close()
