@@ -16,9 +16,12 @@ def tp_llama(tiny_llama_dir: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def wide_llama(tmp_path_factory) -> Path:
+def wide_llama(tiny_llama_dir: Path, tmp_path_factory) -> Path:
     """A one-layer fp32 Llama wide enough (hidden 2048, MLP 2048) that a rank's share of a row of o_proj /
-    down_proj is a whole 4 KiB page at degree 2: dim-1 slices can be read at 1/N of their bytes. ~112 MB."""
+    down_proj is a whole 4 KiB page at degree 2: dim-1 slices can be read at 1/N of their bytes. ~112 MB. With the
+    tiny dev Llama's tokenizer files (the same vocabulary size), for the self check's prompt."""
+    import shutil
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -30,6 +33,8 @@ def wide_llama(tmp_path_factory) -> Path:
                          num_key_value_heads=8, vocab_size=1024, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(root / "hf")
     convert(root / "hf", root / "ckpt", progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llama_dir / name, root / "ckpt" / name)
     return root / "ckpt"
 
 
