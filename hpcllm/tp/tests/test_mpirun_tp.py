@@ -227,9 +227,7 @@ def test_a_checkpoint_without_tokenizer_files_is_named_by_the_check(tp_llama, tm
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (bare / name).unlink()
 
-    # One rank: the check's own answer on rank 0 is what is tested (a rank 0 that failed ends a job's other ranks
-    # either way: mpirun aborts the job when a rank exits non-zero).
-    completed = _mpirun(1, str(bare), "--no-reference", timeout=150)
+    completed = _mpirun(2, str(bare), "--no-reference", timeout=150)
 
     assert completed.returncode != 0
     assert "error: rank 0 on" in completed.stderr, completed.stderr
