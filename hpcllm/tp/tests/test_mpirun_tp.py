@@ -133,8 +133,9 @@ def test_a_rank_stuck_in_a_read_is_named_and_the_job_aborted(tp_llama, tmp_path)
     assert time.monotonic() - started < 150
 
 
-# By default hpcllm/node/tests/test_tp_instances.py's test_a_two_rank_instance_serves_transformers_greedy_tokens_and_
-# stops_every_rank checks the same through the node agent: chunked prefill, a second and concurrent requests, the stop.
+# By default hpcllm/node/tests/test_tp_instances.py's test_a_two_rank_instance_serves_greedy_tokens_live_migrates_a_
+# stream_and_stops_every_rank checks the same through the node agent: chunked prefill, a second and concurrent
+# requests, the stop.
 @pytest.mark.long
 def test_the_worker_serves_a_two_rank_instance_with_rank_0_as_its_endpoint(tp_llama, tmp_path):
     """`mpirun -n 2 hpcllm worker --tensor-parallel`: the HTTP API on rank 0 gives transformers' greedy tokens, also
