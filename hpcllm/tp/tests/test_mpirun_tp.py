@@ -86,8 +86,7 @@ def test_a_corrupt_slice_on_rank_1_fails_every_rank_naming_rank_1(tp_llama, tmp_
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0x01]))
 
-    started = time.monotonic()
-    completed = _mpirun(2, str(tp_llama), "--path-of-rank", f"1={broken}", "--no-reference")
+    completed = _mpirun(2, str(tp_llama), "--path-of-rank", f"1={broken}", "--no-reference", timeout=120)
 
     assert completed.returncode != 0
     cause = "rank 1: " + str(ckpt.partitions[0].path) + ": tensor model.layers.1.mlp.down_proj.weight strip 50/64 " \
@@ -95,7 +94,6 @@ def test_a_corrupt_slice_on_rank_1_fails_every_rank_naming_rank_1(tp_llama, tmp_
     assert "error: rank 0 on" in completed.stderr and "error: rank 1 on" in completed.stderr
     assert completed.stderr.count(cause) == 2, completed.stderr  # both ranks name rank 1 and the cause
     assert "result:" not in completed.stdout
-    assert time.monotonic() - started < 120
 
 
 def test_a_missing_data_file_on_rank_1_is_named(tp_llama, tmp_path):
@@ -121,16 +119,15 @@ def test_a_rank_stuck_in_a_read_is_named_and_the_job_aborted(tp_llama, tmp_path)
     (stuck / "data-00000.h5").unlink()
     os.mkfifo(stuck / "data-00000.h5")  # opening it blocks forever, like a hung network filesystem
 
-    started = time.monotonic()
     # 1 s: the wait starts once both ranks took the plan (past their imports), and rank 1 never reports
-    completed = _mpirun(2, str(tp_llama), "--path-of-rank", f"1={stuck}", "--timeout", "1", "--no-reference")
+    completed = _mpirun(2, str(tp_llama), "--path-of-rank", f"1={stuck}", "--timeout", "1", "--no-reference",
+                        timeout=150)
 
     assert completed.returncode != 0
     assert "rank 0: rank(s) 1 did not report within 1 s while loading the model shard" in \
         completed.stdout + completed.stderr
     # Rank 1 blocks forever opening the FIFO: the job ending at all means rank 0's MPI_Abort killed it. (OpenMPI's
     # own "MPI_ABORT was invoked" help text is not asserted: under load its show_help fails with "Out of resource".)
-    assert time.monotonic() - started < 150
 
 
 # By default hpcllm/node/tests/test_tp_instances.py's test_a_two_rank_instance_serves_greedy_tokens_live_migrates_a_
