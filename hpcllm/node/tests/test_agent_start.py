@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from pydantic import model_validator
@@ -15,9 +14,8 @@ from pydantic import model_validator
 from hpcllm.errors import ConfigError
 from hpcllm.node.app import create_app
 from hpcllm.node.probes import ProbeResult, TierMeasurements
-from hpcllm.node.protocol import StartInstance
 from hpcllm.node.workers import drain_signal
-from hpcllm.node.tests.test_agent import SECRET, converted, make_agent, wait_for  # noqa: F401 (fixture)
+from hpcllm.node.tests.test_agent import make_agent, wait_for
 from hpcllm.node.tests.test_agent_controller import controllers  # noqa: F401 (fixture)
 from hpcllm.node.tests.test_read_sweep import restore_signals  # noqa: F401 (fixture)
 from hpcllm.store.tuning import ReadConfig, ReadTuning, TierTuning
@@ -280,36 +278,6 @@ def test_placement_gets_the_read_sweeps_rate_of_the_modes_loads_read_a_tier_with
         agent.use_read_tuning(swept(agent.nvme_dir, mmap=9.0))  # O_DIRECT and buffered not measured: the probe's
         assert agent.registration().tiers.nvme.read_gbps == 2.5
     finally:
-        agent.workers.close()
-
-
-def test_a_spare_started_before_the_node_key_was_known_serves_with_it(tmp_path, converted):  # noqa: F811
-    """A token agent's spare starts while the agent registers, before the controller sent the node key: it starts
-    without any key (never the cluster secret), and its assignment brings the key its worker then accepts."""
-    from hpcllm.worker.cli import SECRET_ENV
-    from hpcllm.worker.client import WorkerClient, WorkerError
-
-    agent = make_agent(tmp_path, spare_workers=1)
-    try:
-        agent.workers.set_key(None)  # a token agent, registering
-        agent.workers.ensure_spares()
-        [spare] = agent.workers._spares
-        environ = (Path("/proc") / str(spare.process.pid) / "environ").read_bytes().split(b"\0")
-        assert not [v for v in environ if v.startswith(SECRET_ENV.encode() + b"=")]
-        wait_for(lambda: "spare worker ready" in spare.log_path.read_text(), what="the spare's imports")
-
-        agent.workers.set_key("node-key")  # the registration's answer
-        inst = agent.workers.start(StartInstance(model="tiny-llama", source=str(converted)))
-        assert inst.process.pid == spare.process.pid  # the spare became the worker
-        wait_for(lambda: inst.state == "ready", what="the spare to serve the model")  # the agent asks with the key
-        statuses = []
-        for key in ("node-key", SECRET):
-            with WorkerClient(inst.worker_url, key) as worker, pytest.raises(WorkerError) as answer:
-                worker.tokens("no-such-request")
-            statuses.append(answer.value.status)
-        assert statuses == [404, 401]  # the node key is let in (no such request), the cluster secret is not
-    finally:
-        agent.drain()
         agent.workers.close()
 
 
