@@ -61,15 +61,11 @@ class KilledAgent:
         found = re.search(r"listening on (http://\S+)", self.log.read_text())
         return found.group(1) if found else None
 
-    def post(self, model_dir: Path, **fields) -> str:
-        """Ask for an instance; its id (it loads on)."""
+    def start(self, model_dir: Path, **fields) -> str:
         resp = httpx.post(f"{self.url}/v1/internal/instances", headers=AUTH, timeout=30,
                           json={"model": "tiny-llama", "source": str(model_dir), **fields})
         assert resp.status_code == 202, resp.text
-        return resp.json()["instance_id"]
-
-    def start(self, model_dir: Path, **fields) -> str:
-        instance_id = self.post(model_dir, **fields)
+        instance_id = resp.json()["instance_id"]
         wait_for(lambda: self.state(instance_id) == "ready", timeout=240, what=f"{instance_id} ready")
         return instance_id
 
@@ -103,27 +99,25 @@ def _gone_or_killed(left: list[Process], timeout: float) -> list[Process]:
         return stuck
 
 
-def test_the_workers_of_an_agent_killed_with_sigkill_exit(tmp_path, converted):  # noqa: F811
-    # One agent, both kinds of worker: the first instance goes to the spare (a warm process that reads its assignment
-    # from the agent on stdin), the second, asked while the first still loads (the next spare starts only after that
-    # load), to a fresh worker.
-    agent = KilledAgent(tmp_path / "agent", spare_workers=1)
+@pytest.mark.parametrize("spare", [False, True], ids=["fresh-worker", "spare-worker"])
+def test_the_worker_of_an_agent_killed_with_sigkill_exits(tmp_path, converted, spare):  # noqa: F811
+    # spare: the instance goes to the spare (a warm process that read its assignment from the agent on stdin).
+    agent = KilledAgent(tmp_path / "agent", spare_workers=1 if spare else 0)
     try:
-        wait_for(lambda: any((tmp_path / "agent").rglob("spare-*.log")), timeout=240, what="the spare's start")
-        on_spare, fresh = agent.post(converted), agent.post(converted)
-        for instance_id in (on_spare, fresh):
-            wait_for(lambda i=instance_id: agent.state(i) == "ready", timeout=240, what=f"{instance_id} ready")
-        # the agent's line for a spare's instance: the first's alone
-        assert agent.log.read_text().count("takes tiny-llama") == 1, agent.log.read_text()
+        if spare:
+            wait_for(lambda: any("spare worker ready" in log.read_text()
+                                 for log in (tmp_path / "agent").rglob("spare-*.log")),
+                     timeout=240, what="the spare's imports")
+        instance_id = agent.start(converted)
+        assert ("takes tiny-llama" in agent.log.read_text()) == spare  # the agent's line for a spare's instance
         under = agent.kill()
     finally:
         agent.close()
     assert under, "no process under the agent"
     stuck = _gone_or_killed(under, timeout=120)
-    assert not stuck, f"{on_spare}, {fresh}: still running 120 s after the agent's death: {stuck}"
-    for instance_id, worker in ((on_spare, "spare-worker"), (fresh, "fresh-worker")):
-        [worker_log] = (tmp_path / "agent").rglob(f"{instance_id}.log")
-        assert "the node agent that started this worker is gone; stopping" in worker_log.read_text(), worker
+    assert not stuck, f"{instance_id}: still running 120 s after the agent's death: {stuck}"
+    [worker_log] = (tmp_path / "agent").rglob(f"{instance_id}.log")
+    assert "the node agent that started this worker is gone; stopping" in worker_log.read_text()
 
 
 @pytest.mark.mpi
