@@ -487,6 +487,24 @@ def test_each_worker_gets_its_share_of_the_cpus(tmp_path, monkeypatch):
     agent.workers.close()
 
 
+def test_a_crashing_worker_is_reported_failed_with_its_error(agent, client, tmp_path):
+    """An origin folder that is no converted checkpoint: the worker exits at once, and the agent reports the
+    instance failed over the API with the exit status (no cached copy is involved)."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    resp = client.post("/v1/internal/instances", json={"model": "broken", "source": str(broken)}, headers=AUTH)
+    assert resp.status_code == 202
+
+    def failed():
+        [info] = client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"]
+        return info if info["state"] == "failed" else None
+
+    info = wait_for(failed, what="the broken worker to be reported failed")
+    assert "exited with status" in info["error"]
+    assert client.delete(f"/v1/internal/instances/{info['instance_id']}", headers=AUTH).status_code == 200
+
+
 def test_gpus_are_not_given_twice(agent, client, converted):
     body = {"model": "tiny-llama", "source": str(converted), "gpu_ids": [1]}
     first = client.post("/v1/internal/instances", json=body, headers=AUTH)
@@ -528,7 +546,7 @@ def test_drain_signal_and_sigterm_request_one_drain(agent):
 def test_a_corrupt_or_cut_short_cached_copy_fails_the_load_reported_with_its_error_and_is_refilled(
         agent, client, converted):
     """Two broken NVMe copies, one after the other, each a worker that exits with its error, reported failed over
-    the API (one worker start per failure; a crashing worker's report is the same path): a flipped byte - the load
+    the API (one worker start per failure): a flipped byte - the load
     stops on the checksum (exit 4, never serves garbage) -, then a data file cut short after the agent chose the
     copy (the start's size check passed) - the load stops with TruncatedFile (exit 3, a CheckpointError). Each
     time the agent drops the copy and refills it from the origin (never touched), and the next instance loads from
