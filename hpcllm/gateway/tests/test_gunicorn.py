@@ -69,12 +69,19 @@ source = "{source}"
     return path
 
 
-@pytest.fixture
-def blackhole_url():
+@contextlib.contextmanager
+def blackhole():
+    """The URL of a "worker" that accepts connections and never answers, until the block ends."""
     with socket.socket() as hole:
         hole.bind(("127.0.0.1", 0))
         hole.listen(16)  # never accepted: clients connect, send, and wait
         yield f"http://127.0.0.1:{hole.getsockname()[1]}"
+
+
+@pytest.fixture
+def blackhole_url():
+    with blackhole() as url:
+        yield url
 
 
 @pytest.fixture
@@ -377,9 +384,17 @@ def raw_answer(url: str, request: bytes) -> bytes:
     return answer
 
 
-@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
-def test_a_body_that_cannot_be_read_is_a_400_not_a_500_with_a_traceback(tmp_path, tiny_model_dir, blackhole_url,
-                                                                       worker_class):
+@pytest.fixture(scope="module", params=["gthread", "gevent"])
+def refusing_gateway(request, tmp_path_factory, tiny_model_dir):
+    """(url, log) of a gateway of each worker class whose models all point at a worker that never answers, shared
+    by the tests that only send it requests it refuses before any worker is asked (a start takes seconds here)."""
+    tmp_path = tmp_path_factory.mktemp(f"refusing-{request.param}")
+    with blackhole() as hole, running_gateway(tmp_path, hole, tiny_model_dir, hole, hole,
+                                              request.param) as (_, url, _):
+        yield url, tmp_path / "gateway.log"
+
+
+def test_a_body_that_cannot_be_read_is_a_400_not_a_500_with_a_traceback(refusing_gateway):
     """gunicorn raises its parse errors while a view reads the body: they were 'internal server error' answers
     with a traceback in the gateway's log, for a mistake of the client's."""
     head = (b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + USER_KEY.encode() +
@@ -389,39 +404,36 @@ def test_a_body_that_cannot_be_read_is_a_400_not_a_500_with_a_traceback(tmp_path
         head % (b"/v1/completions", b"application/json") + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}XY",
         head % (b"/v1/files", b"multipart/form-data; boundary=b") + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
     ]
-    with running_gateway(tmp_path, blackhole_url, tiny_model_dir, blackhole_url, blackhole_url,
-                         worker_class) as (_, url, _):
-        for request in requests:
-            answer = raw_answer(url, request)
-            assert answer.startswith(b"HTTP/1.1 400 ") and b'"code":"unreadable_body"' in answer, (request, answer)
-        log = (tmp_path / "gateway.log").read_text()
-        assert "Traceback" not in log and "unexpected error" not in log, log
+    url, log_path = refusing_gateway
+    logged_before = log_path.stat().st_size
+    for request in requests:
+        answer = raw_answer(url, request)
+        assert answer.startswith(b"HTTP/1.1 400 ") and b'"code":"unreadable_body"' in answer, (request, answer)
+    with log_path.open("rb") as log_file:  # what the gateway logged while it answered these
+        log = log_file.read()[logged_before:].decode(errors="replace")
+    assert "Traceback" not in log and "unexpected error" not in log, log
 
 
-@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
-def test_after_a_body_that_cannot_be_read_the_connection_closes(tmp_path, tiny_model_dir, blackhole_url,
-                                                               worker_class):
+def test_after_a_body_that_cannot_be_read_the_connection_closes(refusing_gateway):
     """Where a broken body ends is unknown, so what follows it must not be served as a next request, and the 400
     must not promise the client a connection it can reuse (Connection: keep-alive, then closed under it)."""
     auth = b"Host: x\r\nAuthorization: Bearer " + USER_KEY.encode() + b"\r\n"
     following = b"GET /v1/models HTTP/1.1\r\n" + auth + b"\r\n"
     broken = (b"POST /v1/completions HTTP/1.1\r\n" + auth + b"Content-Type: application/json\r\n"
               b"Transfer-Encoding: chunked\r\n\r\nzz\r\n" + following)
-    with running_gateway(tmp_path, blackhole_url, tiny_model_dir, blackhole_url, blackhole_url,
-                         worker_class) as (_, url, _):
-        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as client:
-            client.settimeout(30)
-            client.sendall(broken)  # and no half-close: the gateway itself must end the connection
-            answer = b""
-            while chunk := client.recv(65536):
-                answer += chunk
+    url, _ = refusing_gateway
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as client:
+        client.settimeout(30)
+        client.sendall(broken)  # and no half-close: the gateway itself must end the connection
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
     head = answer.split(b"\r\n\r\n", 1)[0].lower()
     assert answer.startswith(b"HTTP/1.1 400 ") and b"\r\nconnection: close" in head, answer
     assert answer.count(b"HTTP/1.1 ") == 1, answer
 
 
-@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
-def test_gunicorns_own_refusals_have_the_one_error_shape(tmp_path, tiny_model_dir, blackhole_url, worker_class):
+def test_gunicorns_own_refusals_have_the_one_error_shape(refusing_gateway):
     """Requests gunicorn refuses before the app runs (a request line or headers over its limits, a malformed
     request line) were answered with an HTML page, unlike every other error of the gateway: an openai client or a
     script reading error.code got no JSON."""
@@ -433,15 +445,14 @@ def test_gunicorns_own_refusals_have_the_one_error_shape(tmp_path, tiny_model_di
          431),  # more than 100 header fields
         (b"NOT A REQUEST LINE\r\n" + auth + b"\r\n", 400),
     ]
-    with running_gateway(tmp_path, blackhole_url, tiny_model_dir, blackhole_url, blackhole_url,
-                         worker_class) as (_, url, _):
-        for request, status in requests:
-            answer = raw_answer(url, request)
-            head, _, body = answer.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 %d " % status), (request[:60], answer)
-            assert b"\r\ncontent-type: application/json" in head.lower(), answer
-            error = json.loads(body)["error"]
-            assert error["type"] == "invalid_request_error" and error["code"] and error["message"], error
+    url, _ = refusing_gateway
+    for request, status in requests:
+        answer = raw_answer(url, request)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status), (request[:60], answer)
+        assert b"\r\ncontent-type: application/json" in head.lower(), answer
+        error = json.loads(body)["error"]
+        assert error["type"] == "invalid_request_error" and error["code"] and error["message"], error
 
 
 @pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
