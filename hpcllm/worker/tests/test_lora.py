@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from hpcllm.worker.engine import Engine, InvalidRequest
 from hpcllm.worker.protocol import GenerateRequest, TokenLine
 
+from .conftest import wait_until
 from .test_priority import StepLog
 
 _ids = itertools.count()
@@ -332,88 +333,123 @@ def test_a_runtime_load_reads_the_adapters_config_once(model_dirs, adapters, ref
         assert engine.generate(request(prompt_token_ids=prompt_ids[1], lora="x")).token_ids == expected["x"][1]
 
 
-@pytest.mark.parametrize("model_process", [False, True], ids=["in-process", "model-process"])
-def test_an_adapter_unloaded_while_a_request_runs_with_it_goes_once_that_request_ends(model_dirs, adapters,
-                                                                                      model_process):
+@pytest.fixture(scope="module", params=[False, True], ids=["in-process", "model-process"])
+def shared_x_engine(request, model_dirs, adapters):
+    """An engine started with adapter x, in process and in a model process (whose start takes seconds here), shared
+    by the runtime load and unload tests below; x_engine hands it to each in the state it started in."""
+    model, tokenizer = load(model_dirs)
+    with Engine(model, tokenizer, model_name="tiny", lora_adapters={"x": adapters[0]["x"]}, kv_block_size=4,
+                model_process=request.param) as engine:
+        yield engine
+
+
+@pytest.fixture
+def x_engine(shared_x_engine, adapters):
+    """(the shared engine serving adapter x alone from its folder, idle, StepLog(engine, pause_after) for it): what
+    a test loaded, unloaded or hooked is undone before the next one (its held step let go, its requests ended)."""
+    engine, x_folder = shared_x_engine, adapters[0]["x"]
+    hooks = [(engine.runner, "launch"), (engine.runner, "collect"), (engine, "_forward")]  # what StepLog replaces
+    before = {(id(owner), name): vars(owner).get(name) for owner, name in hooks}
+    logs = []
+
+    def step_log(pause_after: int) -> StepLog:
+        logs.append(StepLog(engine, pause_after=pause_after))
+        return logs[-1]
+
+    def x_alone() -> None:
+        assert engine.alive, engine.error
+        for name, folder in dict(engine.lora_adapters).items():
+            if name != "x" or folder != x_folder:
+                engine.unload_lora(name)
+        engine.load_lora("x", x_folder)
+        assert engine.lora_adapters == {"x": x_folder}
+        for owner, name in hooks:
+            if before[id(owner), name] is None:
+                vars(owner).pop(name, None)
+            else:
+                setattr(owner, name, before[id(owner), name])
+
+    x_alone()
+    try:
+        yield engine, step_log
+    finally:
+        for log in logs:
+            log.go.set()  # a test that failed while its step was held must not leave the engine stopped
+        assert wait_until(lambda: engine.counts() == (0, 0), timeout=120), engine.counts()
+        x_alone()
+
+
+def test_an_adapter_unloaded_while_a_request_runs_with_it_goes_once_that_request_ends(model_dirs, adapters, x_engine):
     """Meanwhile its name may be loaded from another folder (a new version): new requests get that one, and share
     no cached prompt prefix with the old one (vLLM's rule: blocks are keyed by adapter name and folder)."""
     from hpcllm.worker.requests import AdapterConflict
 
     folders, deltas = adapters
-    model, tokenizer = load(model_dirs)
-    prompt = tokenizer(PROMPTS[2])["input_ids"]
+    engine, step_log = x_engine
+    prompt = engine.tokenizer(PROMPTS[2])["input_ids"]
     expected = {name: merged_greedy(model_dirs, deltas[name], prompt, max_new_tokens=40) for name in ("x", "y")}
-    with Engine(model, tokenizer, model_name="tiny", lora_adapters={"x": folders["x"]}, kv_block_size=4,
-                model_process=model_process) as engine:
-        steps = StepLog(engine, pause_after=1)  # its first step held: it runs, however loaded the machine
-        events = engine.submit(request(prompt_token_ids=prompt, lora="x", max_tokens=40)).events()
-        assert steps.paused.wait(60)
-        assert engine.unload_lora("x") == 1  # it runs on
-        with pytest.raises(InvalidRequest, match="'x' is not loaded"):
-            engine.submit(request(prompt_token_ids=prompt, lora="x"))
-        steps.go.set()
-        assert engine.load_lora("x", folders["y"]) is True  # the new version, beside the old one
-        hits = engine.metrics.prefix_cache_hits._value.get()
-        assert engine.generate(request(prompt_token_ids=prompt, lora="x", max_tokens=40)).token_ids == expected["y"]
-        assert engine.metrics.prefix_cache_hits._value.get() == hits
-        rest = list(events)
-        assert token_ids(rest) == expected["x"] and rest[-1].finish_reason == "length"
-        # Its end freed the old version's weights: installing that folder again under the name is no duplicate.
-        assert engine.unload_lora("x") == 0
-        assert engine.load_lora("x", folders["x"]) is True
-        assert engine.generate(request(prompt_token_ids=prompt, lora="x", max_tokens=40)).token_ids == expected["x"]
-        with pytest.raises(AdapterConflict, match="already loaded from"):
-            engine.load_lora("x", folders["y"])
+    steps = step_log(pause_after=1)  # its first step held: it runs, however loaded the machine
+    events = engine.submit(request(prompt_token_ids=prompt, lora="x", max_tokens=40)).events()
+    assert steps.paused.wait(60)
+    assert engine.unload_lora("x") == 1  # it runs on
+    with pytest.raises(InvalidRequest, match="'x' is not loaded"):
+        engine.submit(request(prompt_token_ids=prompt, lora="x"))
+    steps.go.set()
+    assert engine.load_lora("x", folders["y"]) is True  # the new version, beside the old one
+    hits = engine.metrics.prefix_cache_hits._value.get()
+    assert engine.generate(request(prompt_token_ids=prompt, lora="x", max_tokens=40)).token_ids == expected["y"]
+    assert engine.metrics.prefix_cache_hits._value.get() == hits
+    rest = list(events)
+    assert token_ids(rest) == expected["x"] and rest[-1].finish_reason == "length"
+    # Its end freed the old version's weights: installing that folder again under the name is no duplicate.
+    assert engine.unload_lora("x") == 0
+    assert engine.load_lora("x", folders["x"]) is True
+    assert engine.generate(request(prompt_token_ids=prompt, lora="x", max_tokens=40)).token_ids == expected["x"]
+    with pytest.raises(AdapterConflict, match="already loaded from"):
+        engine.load_lora("x", folders["y"])
 
 
-@pytest.mark.parametrize("model_process", [False, True], ids=["in-process", "model-process"])
-def test_an_adapter_loaded_again_from_its_folder_while_unloading_is_kept(model_dirs, adapters, references,
-                                                                        model_process):
+def test_an_adapter_loaded_again_from_its_folder_while_unloading_is_kept(adapters, references, x_engine):
     folders, _ = adapters
     prompt_ids, expected = references
-    model, tokenizer = load(model_dirs)
-    with Engine(model, tokenizer, model_name="tiny", lora_adapters={"x": folders["x"]},
-                model_process=model_process) as engine:
-        steps = StepLog(engine, pause_after=1)  # its first step held: it runs, however loaded the machine
-        events = engine.submit(request(prompt_token_ids=prompt_ids[0], lora="x", max_tokens=30)).events()
-        assert steps.paused.wait(60)
-        assert engine.unload_lora("x") == 1
-        assert engine.load_lora("x", folders["x"]) is True  # its weights were still there: served again
-        steps.go.set()
-        list(events)  # the running request ends: the weights stay, being served
-        assert engine.generate(request(prompt_token_ids=prompt_ids[1], lora="x")).token_ids == expected["x"][1]
-        assert engine.alive
+    engine, step_log = x_engine
+    steps = step_log(pause_after=1)  # its first step held: it runs, however loaded the machine
+    events = engine.submit(request(prompt_token_ids=prompt_ids[0], lora="x", max_tokens=30)).events()
+    assert steps.paused.wait(60)
+    assert engine.unload_lora("x") == 1
+    assert engine.load_lora("x", folders["x"]) is True  # its weights were still there: served again
+    steps.go.set()
+    list(events)  # the running request ends: the weights stay, being served
+    assert engine.generate(request(prompt_token_ids=prompt_ids[1], lora="x")).token_ids == expected["x"][1]
+    assert engine.alive
 
 
-@pytest.mark.parametrize("model_process", [False, True], ids=["in-process", "model-process"])
 def test_an_adapter_that_cannot_be_applied_is_refused_at_runtime_with_the_reason_and_changes_nothing(
-        model_dirs, adapters, references, tmp_path, model_process):
+        model_dirs, adapters, references, tmp_path, x_engine):
     """The shapes are checked where the forward runs (the model process says why)."""
     from hpcllm.worker.lora_config import AdapterError
 
     folders, _ = adapters
     prompt_ids, expected = references
-    model, tokenizer = load(model_dirs)
+    engine, _ = x_engine
     other = tmp_path / "other"
-    write_adapter(other, model, seed=3)
+    write_adapter(other, load(model_dirs)[0], seed=3)
     save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32),
                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4)},
               str(other / "adapter_model.safetensors"))
-    with Engine(model, tokenizer, model_name="tiny", lora_adapters={"x": folders["x"]},
-                model_process=model_process) as engine:
-        with pytest.raises(AdapterError, match="trained for another model"):
-            engine.load_lora("other", str(other))
-        with pytest.raises(AdapterError, match="does not exist"):
-            engine.load_lora("missing", str(tmp_path / "missing"))
-        with pytest.raises(InvalidRequest, match="not a valid model name") as bad_name:
-            engine.load_lora("a b", folders["y"])
-        assert bad_name.value.param == "lora_name"
-        with pytest.raises(InvalidRequest, match="base model's name") as base_name:
-            engine.load_lora("tiny", folders["y"])
-        assert base_name.value.param == "lora_name"
-        assert engine.lora_adapters == {"x": folders["x"]}
-        assert engine.generate(request(prompt_token_ids=prompt_ids[0], lora="x")).token_ids == expected["x"][0]
-        assert engine.alive
+    with pytest.raises(AdapterError, match="trained for another model"):
+        engine.load_lora("other", str(other))
+    with pytest.raises(AdapterError, match="does not exist"):
+        engine.load_lora("missing", str(tmp_path / "missing"))
+    with pytest.raises(InvalidRequest, match="not a valid model name") as bad_name:
+        engine.load_lora("a b", folders["y"])
+    assert bad_name.value.param == "lora_name"
+    with pytest.raises(InvalidRequest, match="base model's name") as base_name:
+        engine.load_lora("tiny", folders["y"])
+    assert base_name.value.param == "lora_name"
+    assert engine.lora_adapters == {"x": folders["x"]}
+    assert engine.generate(request(prompt_token_ids=prompt_ids[0], lora="x")).token_ids == expected["x"][0]
+    assert engine.alive
 
 
 def test_adapters_are_refused_at_runtime_where_they_are_not_applied(model_dirs, adapters):
