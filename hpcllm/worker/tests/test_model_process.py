@@ -73,7 +73,7 @@ def unpacked_pair(model_dirs):
 def process_engine(model_dirs):
     model, tokenizer = load_unpacked(model_dirs)
     engine = Engine(model, tokenizer, model_name="tiny", model_process=True, prefill_chunk_tokens=8,
-                    kv_block_size=4).start()
+                    kv_block_size=4, model_process_threads=2).start()  # its threads: a test below checks them
     yield engine
     engine.shutdown()
 
@@ -668,7 +668,7 @@ def test_with_a_model_process_each_weight_is_held_once_and_embeddings_run_there(
     served.owner.release()
 
 
-def test_the_model_process_gets_the_compute_threads_and_the_worker_keeps_one(unpacked_pair):
+def test_the_model_process_gets_the_compute_threads_and_the_worker_keeps_one(process_engine):
     """The worker's own torch (sampling) stays single-threaded so its OpenMP workers never spin on the model process's
     cores; the model process computes with the threads the worker was given, and /ready's torch_threads says so."""
     from hpcllm.worker.cli import _leave_the_threads_to
@@ -680,12 +680,8 @@ def test_the_model_process_gets_the_compute_threads_and_the_worker_keeps_one(unp
         assert _leave_the_threads_to(True) == 2 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-    model, tokenizer = unpacked_pair
-    engine = Engine(model, tokenizer, model_process=True, model_process_threads=2)
-    try:
-        assert engine.compute_threads == 2  # what the model process reported after setting it
-    finally:
-        engine.shutdown()
+    # What the model process reported after setting it: the model_process_threads process_engine was started with.
+    assert process_engine.compute_threads == 2
 
 
 def test_out_of_memory_with_a_step_sent_ahead_drops_that_step_and_outputs_stay_exact(unpacked_pair, reference_model,
