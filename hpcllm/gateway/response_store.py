@@ -223,12 +223,17 @@ class ResponseStore:
     def put(self, owner: str, new: NewResponse) -> bool:
         """Keep a response (False: larger than the whole byte bound, or the owner over its quota: not kept), appending
         its items to its conversation (TooLarge: the conversation would not fit in the whole bound; DuplicateItem:
-        an item of one of its input's ids was added to the conversation while it was generated; nothing is kept);
-        expired rows, and the oldest beyond the bound, are deleted in the same transaction."""
+        an item of one of its input's ids was added to the conversation while it was generated; nothing is kept; a
+        conversation deleted or expired meanwhile: the response's `conversation` set to None); expired rows, and the
+        oldest beyond the bound, are deleted in the same transaction."""
         output = new.response["output"]
-        body = json.dumps({**new.response, "output": []})
         now = self.clock()
         with self.shared.transaction() as db:
+            # Locked first, as add_items and update_conversation lock it before the owner's quota.
+            conversation = None if new.conversation is None else self._row(db, new.conversation, owner)
+            if new.conversation is not None and conversation is None:  # deleted or expired while it generated:
+                new.response["conversation"] = None  # the answer, and the response kept, are in no conversation
+            body = json.dumps({**new.response, "output": []})
             previous = new.previous if new.previous is not None and self._row(db, new.previous) is not None else None
             own = new.input if new.previous is not None and previous is None else new.own_input  # previous gone
             rows = [*self._item_rows(owner, own, False), *self._item_rows(owner, output, True)]
@@ -247,7 +252,6 @@ class ResponseStore:
             if kept and previous is not None:  # the chain lives as long as its newest response
                 db.conn.execute(CHAIN + "UPDATE gateway_stored SET used = ? WHERE id IN (SELECT id FROM chain)",
                                 (previous, owner, now))
-            conversation = None if new.conversation is None else self._row(db, new.conversation, owner)
             if conversation is not None:
                 self._append(db, new.conversation, conversation["size"], rows, now)
             self._prune(db, now)

@@ -117,6 +117,28 @@ def test_an_item_id_added_by_another_request_meanwhile_is_not_added_again(make_g
     assert _texts(paged) == ["x", "hello", AGAIN]
 
 
+def test_a_turn_whose_conversation_was_deleted_while_it_generated_says_it_is_in_none(make_gateway, monkeypatch):
+    """The conversation is deleted (or expires) after the turn read it and before its items are appended: the
+    answer, and the response stored, say `conversation: null` (OpenAI's field names the conversation its items were
+    added to), not the id of a conversation that never got them."""
+    gw = make_gateway()
+    client, store = gw.client(), gw.state.responses
+    conversation = client.conversations.create(items=[_user("x")])
+    put = store.put
+
+    def deleted_while_generating(owner, new):
+        store.delete_conversation(owner, new.conversation)  # DELETE /v1/conversations/{id}, meanwhile
+        return put(owner, new)
+
+    monkeypatch.setattr(store, "put", deleted_while_generating)
+    answer = client.responses.create(model=MODEL, conversation=conversation.id, input=AGAIN, max_output_tokens=2)
+    assert (answer.conversation, answer.store) == (None, True)
+    assert client.responses.retrieve(answer.id).conversation is None
+    assert client.responses.input_items.list(answer.id).data[0].content[0].text == AGAIN  # its turn is kept there
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.retrieve(conversation.id)
+
+
 def test_a_conversation_stored_with_an_id_twice_still_pages_to_the_end(make_gateway):
     """A conversation stored before repeated item ids were refused may hold one twice: the openai client's listing,
     paging by `after` (the last id of a page), still ends, each way (resuming after the id's last copy: a page that
