@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, field_validator
 
 from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse
 from hpcllm.gateway.responses.protocol import InputItem, chat_messages, check_item_types, new_item_id
@@ -46,14 +46,20 @@ class ConversationCreate(OpenAIRequest):
     items: list[InputItem] = Field(default_factory=list, max_length=MAX_ITEMS)
     metadata: Metadata | None = None
 
+    @field_validator("items", mode="before")
+    @classmethod
+    def _null_is_none(cls, value: Any) -> Any:
+        return [] if value is None else value  # the openai client sends items=None as null
+
     def conversation(self, created: int) -> ConversationObject:
         return ConversationObject(id=new_item_id("conv"), created_at=created, metadata=self.metadata or {})
 
 
 class ConversationUpdate(OpenAIRequest):
-    """POST /v1/conversations/{id}: new metadata (replaces the old)."""
+    """POST /v1/conversations/{id}: new metadata (replaces the old; null, which the openai client's type allows,
+    clears it)."""
 
-    metadata: Metadata
+    metadata: Metadata | None
 
 
 class ConversationObject(OpenAIResponse):

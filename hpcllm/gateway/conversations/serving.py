@@ -71,7 +71,7 @@ def update_conversation(gw: Gateway, ctx: RequestContext, conversation_id: str,
                         req: ConversationUpdate) -> dict[str, Any]:
     with _bounded("metadata"):
         updated = gw.responses.update_conversation(_owner(gw, ctx), conversation_id,
-                                                   lambda body: {**body, "metadata": req.metadata})
+                                                   lambda body: {**body, "metadata": req.metadata or {}})
     if updated is None:
         raise _not_found(conversation_id)
     return updated

@@ -62,6 +62,17 @@ def test_a_conversation_is_created_read_updated_and_deleted(gateway):
         client.conversations.items.create(conversation.id, items=[_user("late")])
 
 
+def test_null_items_and_metadata_are_none_as_the_openai_client_sends_them(gateway):
+    """openai-python types `items` and `metadata` of conversations.create as Optional, and update's `metadata` as
+    required but Optional: None is sent as JSON null, meaning none (update: clear the metadata), not a 422."""
+    client = gateway.client()
+    conversation = client.conversations.create(items=None, metadata=None)
+    assert conversation.metadata == {} and client.conversations.items.list(conversation.id).data == []
+    client.conversations.update(conversation.id, metadata={"topic": "x"})
+    cleared = client.conversations.update(conversation.id, metadata=None)
+    assert cleared.metadata == {} and client.conversations.retrieve(conversation.id).metadata == {}
+
+
 def test_an_item_id_a_conversation_has_already_is_refused_so_its_listing_pages_to_the_end(gateway):
     """OpenAI's 400 for items repeating an id of theirs or of the conversation's: kept twice, the listing (paged by
     `after`, an item id) would page from the first of them forever."""
