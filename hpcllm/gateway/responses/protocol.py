@@ -11,22 +11,24 @@ import json
 import re
 import uuid
 from collections.abc import Iterable
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from werkzeug.datastructures import MultiDict
 
 from hpcllm.gateway.chat.protocol import (ChatCompletionRequest, ChatMessage, ChatUsage, FunctionCall,
                                           FunctionDefinition, ReasoningEffort, ToolCallIn, ToolCallOut, ToolDefinition,
                                           function_name, json_object_arguments)
-from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.protocol import ListPage, OpenAIRequest, OpenAIResponse, Priority, UsageInfo, unsupported
+from hpcllm.gateway.errors import InvalidRequest, InvalidValue
+from hpcllm.gateway.protocol import (ListPage, OpenAIRequest, OpenAIResponse, Priority, UsageInfo, unsupported,
+                                     validation_error)
 
 InputRole = Literal["user", "system", "developer", "assistant"]
 # Content part types whose text reaches the prompt (what a user sends, what the model answered before).
 TEXT_PARTS = ("input_text", "output_text")
 ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+E = TypeVar("E", InvalidRequest, InvalidValue)  # the errors a chat request's field gets
 REFERENCE = "item_reference"  # an input item that names a stored item by id (resolved by the serving layer)
 # The validation context of items read back from the store (stored_item).
 STORED = {"stored": True}
@@ -177,6 +179,10 @@ REASONING_SETTINGS = ("effort", "summary", "generate_summary")
 # What a chat request's errors call the Responses fields they come from.
 PARAM_NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
                "response_format": "text.format"}
+# Fields nested in those (a chat param that starts with one): json_schema's fields are flat in text.format, a
+# function tool's at the top of its tool. (Not messages[i]: an input item's index is not its message's.)
+PARAM_PATHS = ((r"response_format(\.json_schema)?", "text.format"), (r"(tools\[\d+\])\.function", r"\1"),
+               (r"tool_choice\.function", "tool_choice"))
 
 
 class ResponsesRequest(OpenAIRequest):
@@ -272,17 +278,23 @@ class ResponsesRequest(OpenAIRequest):
         return self.model_copy(update={"input": [*earlier, *self.input]})
 
     def to_chat(self) -> ChatCompletionRequest:
-        """The chat completions request that answers this one."""
-        return ChatCompletionRequest(
-            model=self.model, messages=self._messages(), max_completion_tokens=self.max_output_tokens,
-            temperature=self.temperature, top_p=self.top_p, stream=self.stream, user=self.user,
-            tools=[tool.for_chat() for tool in self.tools] if self.tools else None,
-            tool_choice=_chat_tool_choice(self.tool_choice, bool(self.tools)),
-            parallel_tool_calls=self.parallel_tool_calls,
-            response_format=self.text.response_format() if self.text else None,
-            chat_template_kwargs=self.chat_template_kwargs, reasoning_effort=(self.reasoning or {}).get("effort"),
-            include_reasoning=self.include_reasoning, priority=self.priority,
-        )
+        """The chat completions request that answers this one (a field chat refuses, text.format's as chat's
+        response_format, named as the client sent it)."""
+        messages = self._messages()
+        try:
+            return ChatCompletionRequest(
+                model=self.model, messages=messages, max_completion_tokens=self.max_output_tokens,
+                temperature=self.temperature, top_p=self.top_p, stream=self.stream, user=self.user,
+                tools=[tool.for_chat() for tool in self.tools] if self.tools else None,
+                tool_choice=_chat_tool_choice(self.tool_choice, bool(self.tools)),
+                parallel_tool_calls=self.parallel_tool_calls,
+                response_format=self.text.response_format() if self.text else None,
+                chat_template_kwargs=self.chat_template_kwargs,
+                reasoning_effort=(self.reasoning or {}).get("effort"), include_reasoning=self.include_reasoning,
+                priority=self.priority,
+            )
+        except ValidationError as exc:
+            raise renamed_for_responses(validation_error(exc)) from None
 
     def _messages(self) -> list[ChatMessage]:
         return chat_messages(self.input, self.instructions, "input")
@@ -375,13 +387,24 @@ def _chat_tool_choice(choice: Any, has_tools: bool) -> Any:
     return choice
 
 
-def renamed_for_responses(exc: InvalidRequest) -> InvalidRequest:
+def renamed_for_responses(exc: E) -> E:
     """A chat request's error about a field, naming the Responses field it came from."""
-    if exc.param in PARAM_NAMES:
-        new = PARAM_NAMES[exc.param]
-        exc.message = re.sub(rf"\b{re.escape(exc.param)}\b", new, exc.message)
+    new = responses_param(exc.param) if exc.param is not None else None
+    if new != exc.param:
+        exc.message = re.sub(rf"(?<!\w){re.escape(exc.param)}(?!\w)", lambda _: new, exc.message)
         exc.param = new
     return exc
+
+
+def responses_param(param: str) -> str:
+    """The Responses field a chat request's field (its param path) came from."""
+    if param in PARAM_NAMES:
+        return PARAM_NAMES[param]
+    for chat, responses in PARAM_PATHS:
+        renamed, found = re.subn(rf"^{chat}(?=$|[.\[])", responses, param)
+        if found:
+            return renamed
+    return param
 
 
 # What `include` may ask for: reasoning items come with their text (Codex asks for encrypted ones with store false).

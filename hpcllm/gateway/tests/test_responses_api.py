@@ -402,12 +402,22 @@ def test_chats_errors_name_the_responses_field():
     ({"input": []}, 422, "invalid_value", "input"),
     ({"max_output_tokens": 100_000}, 400, "context_length_exceeded", "max_output_tokens"),
     ({"input": "hello " * 5000}, 400, "context_length_exceeded", "input"),
+    # text.format as chat's response_format checks it, named where the Responses request has it (its json_schema
+    # fields flat in text.format)
+    ({"text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, 400, "missing_field",
+     "text.format.name"),
+    ({"text": {"format": {"type": "json_schema", "name": "a person", "schema": {"type": "object"}}}}, 422,
+     "invalid_value", "text.format.name"),
+    ({"text": {"format": {"type": "xml"}}}, 422, "invalid_value", "text.format.type"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}}, 400,
+     "invalid_value", "text.format.schema"),
 ])
 def test_what_cannot_be_done_is_a_4xx_naming_the_field(gateway, body, status, code, param):
     resp = gateway.post("/v1/responses", json={"model": MODEL, "input": "hi", **body})
     error = assert_error(resp, status, code, param)
     if code == "context_length_exceeded":  # chat's check, worded with the Responses field
         assert "max_tokens" not in error["message"]
+    assert "response_format" not in error["message"], error
 
 
 @pytest.mark.parametrize("body", [{"tools": []}, {"tool_choice": "auto"}, {"tools": [], "tool_choice": "none"}])
