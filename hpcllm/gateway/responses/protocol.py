@@ -100,6 +100,8 @@ class InputItem(OpenAIRequest):
         missing = next((name for name in needed if getattr(self, name) is None), None)
         if missing is not None:
             raise ValueError(f"a {self.type} item needs '{missing}'")
+        if self.call_id == "" and self.type in ("function_call", "function_call_output"):  # it pairs nothing
+            raise ValueError(f"a {self.type} item needs a non-empty 'call_id'")
         if self.type == "message":
             _content_shape(self.content, "content")
         elif self.type == "function_call" and info.context != STORED:

@@ -399,6 +399,8 @@ def test_chats_errors_name_the_responses_field():
     ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "city=Paris"}]}, 422,
      "invalid_value", "input[0]"),
     ({"input": [{"type": "function_call_output", "output": "sunny"}]}, 422, "invalid_value", "input[0]"),
+    ({"input": [{"type": "function_call_output", "call_id": "", "output": "sunny"}]}, 422, "invalid_value",
+     "input[0]"),
     ({"input": []}, 422, "invalid_value", "input"),
     ({"max_output_tokens": 100_000}, 400, "context_length_exceeded", "max_output_tokens"),
     ({"input": "hello " * 5000}, 400, "context_length_exceeded", "input"),
