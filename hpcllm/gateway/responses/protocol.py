@@ -118,6 +118,9 @@ class InputItem(OpenAIRequest):
         if self.type == "message":
             kind = "output_text" if self.role == "assistant" else "input_text"
             content = [{"type": kind, "text": self.content}] if isinstance(self.content, str) else self.content
+            # OpenAI's output_text part has its annotations (openai-python's ResponseOutputText requires them)
+            content = [{**part, "annotations": part.get("annotations", [])} if part["type"] == "output_text" else part
+                       for part in content]
             return {**item, "role": self.role, "content": content}
         if self.type == "function_call":
             return {**item, "call_id": self.call_id, "name": self.name, "arguments": self.arguments}

@@ -10,7 +10,10 @@ import json
 
 import httpx
 import openai
+import pydantic
 import pytest
+from openai.types.conversations import ConversationItem
+from openai.types.responses import ResponseItem
 
 from .conftest import MODEL, USER_KEY, scripted_gateway
 from .stand_in_worker import Script
@@ -71,6 +74,26 @@ def test_null_items_and_metadata_are_none_as_the_openai_client_sends_them(gatewa
     client.conversations.update(conversation.id, metadata={"topic": "x"})
     cleared = client.conversations.update(conversation.id, metadata=None)
     assert cleared.metadata == {} and client.conversations.retrieve(conversation.id).metadata == {}
+
+
+def test_items_are_listed_in_openais_item_types(gateway):
+    """Every kind of item kept, as a client sent it (an assistant's text as a plain string too), is listed as
+    openai-python's types (validated, not only constructed as the client does): an output_text part carries its
+    `annotations`, which ResponseOutputText requires."""
+    items = [_user("x"), {"role": "user", "content": [{"type": "input_text", "text": "y"}]},
+             {"role": "assistant", "content": "z"},
+             {"role": "assistant", "content": [{"type": "output_text", "text": "w"}]},
+             {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c1", "output": "r"},
+             {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "t"}]}]
+    conversation = gateway.client().conversations.create(items=items)
+    listed = gateway.get(f"/v1/conversations/{conversation.id}/items", params={"order": "asc"}).json()
+    kept = pydantic.TypeAdapter(list[ConversationItem]).validate_python(listed["data"])
+    assert [item.type for item in kept] == [item.get("type", "message") for item in items]
+    assert [part.annotations for item in kept[2:4] for part in item.content] == [[], []]
+    answer = gateway.client().responses.create(model=MODEL, input=items, max_output_tokens=2)
+    listed = gateway.get(f"/v1/responses/{answer.id}/input_items", params={"order": "asc"}).json()
+    assert len(pydantic.TypeAdapter(list[ResponseItem]).validate_python(listed["data"])) == len(items)
 
 
 def test_an_item_id_a_conversation_has_already_is_refused_so_its_listing_pages_to_the_end(gateway):
