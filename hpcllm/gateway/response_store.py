@@ -127,6 +127,11 @@ class DuplicateItem(Exception):
         self.place, self.item_id = place, item_id
 
 
+class ConversationChanged(Exception):
+    """A response turn's conversation got or lost items after the turn read it (another turn appended meanwhile):
+    its answer did not read them, so it is not appended after them."""
+
+
 class OverQuota(Exception):
     """An owner's write that would take it over its quota (max_bytes_per_key)."""
 
@@ -223,9 +228,10 @@ class ResponseStore:
     def put(self, owner: str, new: NewResponse) -> bool:
         """Keep a response (False: larger than the whole byte bound, or the owner over its quota: not kept), appending
         its items to its conversation (TooLarge: the conversation would not fit in the whole bound; DuplicateItem:
-        an item of one of its input's ids was added to the conversation while it was generated; nothing is kept; a
-        conversation deleted or expired meanwhile: the response's `conversation` set to None); expired rows, and the
-        oldest beyond the bound, are deleted in the same transaction."""
+        an item of one of its input's ids was added to the conversation while it was generated, ConversationChanged:
+        its items changed otherwise since the turn read its `carried` ones; nothing is kept; a conversation deleted
+        or expired meanwhile: the response's `conversation` set to None); expired rows, and the oldest beyond the
+        bound, are deleted in the same transaction."""
         output = new.response["output"]
         now = self.clock()
         with self.shared.transaction() as db:
@@ -253,6 +259,10 @@ class ResponseStore:
                 db.conn.execute(CHAIN + "UPDATE gateway_stored SET used = ? WHERE id IN (SELECT id FROM chain)",
                                 (previous, owner, now))
             if conversation is not None:
+                # The turn read its conversation's items (all of them: `carried`); one at a time, as OpenAI's lock
+                if db.conn.execute("SELECT COUNT(*) AS n FROM gateway_items WHERE holder = ?",
+                                   (new.conversation,)).fetchone()["n"] != new.carried:
+                    raise ConversationChanged
                 self._append(db, new.conversation, conversation["size"], rows, now)
             self._prune(db, now)
         return kept

@@ -23,7 +23,8 @@ from hpcllm.gateway.chat.protocol import ChatChoice, ChatStreamChoice, DeltaTool
 from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice, chat_usage, start_chat
 from hpcllm.gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from hpcllm.gateway.protocol import UsageInfo, parse_query
-from hpcllm.gateway.response_store import DuplicateItem, NewResponse, OverQuota, StoredResponse, TooLarge, owner_of
+from hpcllm.gateway.response_store import (ConversationChanged, DuplicateItem, NewResponse, OverQuota, StoredResponse,
+                                          TooLarge, owner_of)
 from hpcllm.gateway.responses.protocol import (REFERENCE, FunctionCallItem, IncompleteDetails, InputItem,
                                                InputItemsQuery, OutputMessage, OutputText, ReasoningItem,
                                                ReasoningText, ResponseObject, ResponsesRequest, ResponseUsage,
@@ -154,7 +155,7 @@ def keeper(gw: Gateway, owner: str, new: NewResponse) -> Callable[[dict[str, Any
     When it cannot be kept (the database is away, it is larger than responses_max_bytes, or its key over its
     quota), the answer still goes out, saying `store: false`; when its turn was not appended to its conversation
     (the database is away, the output made the conversation larger than responses_max_bytes, an item of its input's
-    id was added to it meanwhile), saying
+    id was added to it meanwhile, or another turn appended to it meanwhile), saying
     `conversation: null` (OpenAI's field names the conversation its items were added to)."""
     def keep(body: dict[str, Any]) -> None:
         appended = True
@@ -165,10 +166,12 @@ def keeper(gw: Gateway, owner: str, new: NewResponse) -> Callable[[dict[str, Any
         except sqlite3.Error as exc:  # the file's disk full, its lock held past the busy timeout
             log.warning("the gateway's limits database: %s", exc)
             kept = appended = False
-        except (TooLarge, DuplicateItem) as exc:  # the answer is out already: the transaction rolled back, neither
-            # it nor the turn is kept
+        except (TooLarge, DuplicateItem, ConversationChanged) as exc:  # the answer is out already: the transaction
+            # rolled back, neither it nor the turn is kept
             why = ("the conversation would be larger than gateway.responses_max_bytes" if isinstance(exc, TooLarge)
-                   else "another request added an item of its input's id to the conversation while it was generated")
+                   else "another request added an item of its input's id to the conversation while it was generated"
+                   if isinstance(exc, DuplicateItem) else "another request changed the conversation while it was "
+                   "generated (another turn appended first)")
             log.warning("response %s was not stored nor added to its conversation (%s)", body["id"], why)
             body["store"], body["conversation"] = False, None
             return

@@ -173,6 +173,33 @@ def test_a_turn_whose_conversation_was_deleted_while_it_generated_says_it_is_in_
         client.conversations.retrieve(conversation.id)
 
 
+def test_of_two_turns_at_once_in_one_conversation_the_later_is_not_appended(make_gateway, monkeypatch):
+    """Two responses in one conversation at once both read it before either appended: the one that finishes second
+    did not see the other's turn, so appending it after that turn would make the conversation say it answered
+    what it never read. It is answered, saying `conversation: null` (and not stored), and the conversation holds
+    the first turn only (OpenAI takes one request per conversation at a time)."""
+    gw = make_gateway()
+    client, store = gw.client(), gw.state.responses
+    conversation = client.conversations.create(items=[_user("x")])
+    put, others, puts = store.put, [], []
+
+    def another_turn_finished_first(owner, new):
+        puts.append(new)
+        if len(puts) == 1:  # this turn has generated; another one, started meanwhile, is appended first
+            others.append(client.responses.create(model=MODEL, conversation=conversation.id, input="other",
+                                                  max_output_tokens=2))
+        return put(owner, new)
+
+    monkeypatch.setattr(store, "put", another_turn_finished_first)
+    answer = client.responses.create(model=MODEL, conversation=conversation.id, input=AGAIN, max_output_tokens=2)
+    other, = others
+    assert other.conversation.id == conversation.id and (answer.conversation, answer.store) == (None, False)
+    assert _texts(client.conversations.items.list(conversation.id, order="asc").data) == [
+        "x", "other", other.output_text]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(answer.id)
+
+
 def test_a_conversation_stored_with_an_id_twice_still_pages_to_the_end(make_gateway):
     """A conversation stored before repeated item ids were refused may hold one twice: the openai client's listing,
     paging by `after` (the last id of a page), still ends, each way (resuming after the id's last copy: a page that

@@ -574,8 +574,9 @@ def test_a_turn_is_appended_to_its_conversation_though_its_response_is_too_large
     store = make(ttl_s=3600, max_bytes=1000)
     store.create_conversation("alice", {"id": "conv_1"}, [_message("msg_1")])
     for store_it in (False, True):
-        turn = NewResponse(input=[_message("msg_1"), _message(f"msg_2_{store_it}")], conversation="conv_1",
-                           carried=1, store=store_it, response={"id": "resp_1", "tools": "t" * 1000, "output": []})
+        read = store.conversation_items("alice", "conv_1")  # each turn reads the conversation as it is
+        turn = NewResponse(input=[*read, _message(f"msg_2_{store_it}")], conversation="conv_1", carried=len(read),
+                           store=store_it, response={"id": "resp_1", "tools": "t" * 1000, "output": []})
         assert store.put("alice", turn) is False
     assert [item["id"] for item in store.conversation_items("alice", "conv_1")] == [
         "msg_1", "msg_2_False", "msg_2_True"]
