@@ -90,7 +90,8 @@ class StoredResponse:
 class NewResponse:
     """A finished response to keep (`store`; else only its items appended to its conversation): its
     conversation's input items, of which the first `carried` came from `previous` (stored there already) or from
-    `conversation` (whose items this response's own are appended to)."""
+    `conversation` (whose items this response's own are appended to; `read_upto`: the largest `seq` of those the
+    turn read, 0 for none)."""
 
     response: dict[str, Any]
     input: list[dict[str, Any]]
@@ -98,6 +99,7 @@ class NewResponse:
     conversation: str | None = None
     carried: int = 0
     store: bool = True
+    read_upto: int = 0
 
     @property
     def own_input(self) -> list[dict[str, Any]]:
@@ -125,11 +127,6 @@ class DuplicateItem(Exception):
     def __init__(self, place: int, item_id: str):
         super().__init__(f"item {place} ({item_id[:100]}) is in the conversation already")
         self.place, self.item_id = place, item_id
-
-
-class ConversationChanged(Exception):
-    """A response turn's conversation got or lost items after the turn read it (another turn appended meanwhile):
-    its answer did not read them, so it is not appended after them."""
 
 
 class OverQuota(Exception):
@@ -228,17 +225,22 @@ class ResponseStore:
     def put(self, owner: str, new: NewResponse) -> bool:
         """Keep a response (False: larger than the whole byte bound, or the owner over its quota: not kept), appending
         its items to its conversation (TooLarge: the conversation would not fit in the whole bound; DuplicateItem:
-        an item of one of its input's ids was added to the conversation while it was generated, ConversationChanged:
-        its items changed otherwise since the turn read its `carried` ones; nothing is kept; a conversation deleted
-        or expired meanwhile: the response's `conversation` set to None); expired rows, and the oldest beyond the
-        bound, are deleted in the same transaction."""
+        an item of one of its input's ids was added to the conversation while it was generated; nothing is kept).
+        A conversation deleted or expired meanwhile, or appended to by another request since the turn read it (an
+        item after `read_upto`: the answer did not read it, and appended after it the conversation would say it
+        did): the response is kept on its own (`store`), its `conversation` set to None, nothing appended. Items
+        deleted meanwhile are no reason: the turn appended after fewer items is a conversation one could have
+        made. Expired rows, and the oldest beyond the bound, are deleted in the same transaction."""
         output = new.response["output"]
         now = self.clock()
         with self.shared.transaction() as db:
             # Locked first, as add_items and update_conversation lock it before the owner's quota.
             conversation = None if new.conversation is None else self._row(db, new.conversation, owner)
-            if new.conversation is not None and conversation is None:  # deleted or expired while it generated:
-                new.response["conversation"] = None  # the answer, and the response kept, are in no conversation
+            if conversation is not None and self._appended_since(db, new.conversation, new.read_upto):
+                conversation = None
+            if new.conversation is not None and conversation is None:  # deleted, expired or appended to while it
+                # generated: the answer, and the response kept, are in no conversation
+                new.response["conversation"] = None
             body = json.dumps({**new.response, "output": []})
             previous = new.previous if new.previous is not None and self._row(db, new.previous) is not None else None
             own = new.input if new.previous is not None and previous is None else new.own_input  # previous gone
@@ -259,13 +261,16 @@ class ResponseStore:
                 db.conn.execute(CHAIN + "UPDATE gateway_stored SET used = ? WHERE id IN (SELECT id FROM chain)",
                                 (previous, owner, now))
             if conversation is not None:
-                # The turn read its conversation's items (all of them: `carried`); one at a time, as OpenAI's lock
-                if db.conn.execute("SELECT COUNT(*) AS n FROM gateway_items WHERE holder = ?",
-                                   (new.conversation,)).fetchone()["n"] != new.carried:
-                    raise ConversationChanged
                 self._append(db, new.conversation, conversation["size"], rows, now)
             self._prune(db, now)
         return kept
+
+    @staticmethod
+    def _appended_since(db: Database, conversation: str, read_upto: int) -> bool:
+        """Whether the (locked) conversation has an item stored after `seq` read_upto: appends to it are one at a
+        time under its row lock, and seq only grows, so a later item has a larger seq."""
+        return db.conn.execute("SELECT seq FROM gateway_items WHERE holder = ? AND seq > ? LIMIT 1",
+                               (conversation, read_upto)).fetchone() is not None
 
     def _row(self, db: Database, stored_id: str, owner: str | None = None, *, lock: bool = True) -> Any:
         """The row (its size and body) if it is still there, else None; locked till the commit (`lock`, in a write
@@ -418,12 +423,18 @@ class ResponseStore:
 
     def conversation_items(self, owner: str, conversation_id: str) -> list[dict[str, Any]] | None:
         """A conversation's items, oldest first; None when the owner has no such conversation."""
+        read = self.read_conversation(owner, conversation_id)
+        return None if read is None else read[0]
+
+    def read_conversation(self, owner: str, conversation_id: str) -> tuple[list[dict[str, Any]], int] | None:
+        """A conversation's items, oldest first, and the largest `seq` among them (0: none; a turn's read_upto);
+        None when the owner has no such conversation."""
         with self.shared.connection() as db:
             if self._visible(db, owner, conversation_id, CONVERSATION) is None:
                 return None
-            rows = db.conn.execute("SELECT item FROM gateway_items WHERE holder = ? ORDER BY seq",
+            rows = db.conn.execute("SELECT seq, item FROM gateway_items WHERE holder = ? ORDER BY seq",
                                    (conversation_id,)).fetchall()
-        return [json.loads(row["item"]) for row in rows]
+        return [json.loads(row["item"]) for row in rows], rows[-1]["seq"] if rows else 0
 
     def conversation_item(self, owner: str, conversation_id: str, item_id: str) -> dict[str, Any] | None:
         """An item of the owner's conversation (the latest with that id), None when there is none."""

@@ -23,8 +23,7 @@ from hpcllm.gateway.chat.protocol import ChatChoice, ChatStreamChoice, DeltaTool
 from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice, chat_usage, start_chat
 from hpcllm.gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from hpcllm.gateway.protocol import UsageInfo, parse_query
-from hpcllm.gateway.response_store import (ConversationChanged, DuplicateItem, NewResponse, OverQuota, StoredResponse,
-                                          TooLarge, owner_of)
+from hpcllm.gateway.response_store import DuplicateItem, NewResponse, OverQuota, StoredResponse, TooLarge, owner_of
 from hpcllm.gateway.responses.protocol import (REFERENCE, FunctionCallItem, IncompleteDetails, InputItem,
                                                InputItemsQuery, OutputMessage, OutputText, ReasoningItem,
                                                ReasoningText, ResponseObject, ResponsesRequest, ResponseUsage,
@@ -43,13 +42,13 @@ def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> 
     if req.conversation is not None and not gw.responses.enabled:
         raise storage_disabled("conversation")
     req = resolved(gw, owner, req)
-    asked, carried = continued(gw, owner, req)
+    asked, carried, read_upto = continued(gw, owner, req)
     check_unique_ids((item.id for item in asked.input[:carried]), asked.input[carried:], "input")
     keep = None
     if req.store or req.conversation is not None:
         new = NewResponse(response={}, input=[item.listed() for item in asked.input],
                           previous=req.previous_response_id, conversation=req.conversation_id, carried=carried,
-                          store=req.store)
+                          store=req.store, read_upto=read_upto)
         within_bounds(gw, owner, new)
         keep = keeper(gw, owner, new)
     chat_req = asked.to_chat()
@@ -129,17 +128,20 @@ def referenced(gw: Gateway, owner: str, items: list[InputItem], field: str) -> l
     return found
 
 
-def continued(gw: Gateway, owner: str, req: ResponsesRequest) -> tuple[ResponsesRequest, int]:
+def continued(gw: Gateway, owner: str, req: ResponsesRequest) -> tuple[ResponsesRequest, int, int]:
     """The request with its previous response's conversation (OpenAI's previous_response_id; the previous
-    instructions are not carried over), or its conversation's items, before its input; and how many items came
-    from there. An id this key cannot see is OpenAI's 400 (previous response) or 404 (conversation)."""
+    instructions are not carried over), or its conversation's items, before its input; how many items came
+    from there; and the largest `seq` of the conversation's items read (NewResponse.read_upto). An id this key
+    cannot see is OpenAI's 400 (previous response) or 404 (conversation)."""
     if req.previous_response_id is None and req.conversation is None:
-        return req, 0
+        return req, 0, 0
     req.to_chat()  # errors in this request's own items, named by their place in its input
+    read_upto = 0
     if req.conversation is not None:
-        earlier = gw.responses.conversation_items(owner, req.conversation_id)
-        if earlier is None:
+        read = gw.responses.read_conversation(owner, req.conversation_id)
+        if read is None:
             raise NotFound(f"Conversation with id '{req.conversation_id[:100]}' not found.", param="conversation")
+        earlier, read_upto = read
     else:
         previous = gw.responses.get(owner, req.previous_response_id)
         if previous is None:
@@ -147,7 +149,7 @@ def continued(gw: Gateway, owner: str, req: ResponsesRequest) -> tuple[Responses
                                  param="previous_response_id", code="previous_response_not_found")
         earlier = previous.conversation()
     asked = req.continuing(earlier)
-    return asked, len(asked.input) - len(req.input)
+    return asked, len(asked.input) - len(req.input), read_upto
 
 
 def keeper(gw: Gateway, owner: str, new: NewResponse) -> Callable[[dict[str, Any]], None]:
@@ -155,8 +157,8 @@ def keeper(gw: Gateway, owner: str, new: NewResponse) -> Callable[[dict[str, Any
     When it cannot be kept (the database is away, it is larger than responses_max_bytes, or its key over its
     quota), the answer still goes out, saying `store: false`; when its turn was not appended to its conversation
     (the database is away, the output made the conversation larger than responses_max_bytes, an item of its input's
-    id was added to it meanwhile, or another turn appended to it meanwhile), saying
-    `conversation: null` (OpenAI's field names the conversation its items were added to)."""
+    id was added to it meanwhile; or, the response still kept, another request appended to it or deleted it
+    meanwhile), saying `conversation: null` (OpenAI's field names the conversation its items were added to)."""
     def keep(body: dict[str, Any]) -> None:
         appended = True
         try:
@@ -166,12 +168,10 @@ def keeper(gw: Gateway, owner: str, new: NewResponse) -> Callable[[dict[str, Any
         except sqlite3.Error as exc:  # the file's disk full, its lock held past the busy timeout
             log.warning("the gateway's limits database: %s", exc)
             kept = appended = False
-        except (TooLarge, DuplicateItem, ConversationChanged) as exc:  # the answer is out already: the transaction
-            # rolled back, neither it nor the turn is kept
+        except (TooLarge, DuplicateItem) as exc:  # the answer is out already: the transaction rolled back, neither
+            # it nor the turn is kept
             why = ("the conversation would be larger than gateway.responses_max_bytes" if isinstance(exc, TooLarge)
-                   else "another request added an item of its input's id to the conversation while it was generated"
-                   if isinstance(exc, DuplicateItem) else "another request changed the conversation while it was "
-                   "generated (another turn appended first)")
+                   else "another request added an item of its input's id to the conversation while it was generated")
             log.warning("response %s was not stored nor added to its conversation (%s)", body["id"], why)
             body["store"], body["conversation"] = False, None
             return
@@ -181,6 +181,9 @@ def keeper(gw: Gateway, owner: str, new: NewResponse) -> Callable[[dict[str, Any
             body["store"] = False
         if not appended and new.conversation is not None:
             body["conversation"] = None
+        elif new.conversation is not None and body["conversation"] is None:  # put found it gone or appended to
+            log.warning("response %s was not added to its conversation (another request deleted it, or appended to "
+                        "it, while it was generated)", body["id"])
     return keep
 
 

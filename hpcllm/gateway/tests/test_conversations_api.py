@@ -176,8 +176,8 @@ def test_a_turn_whose_conversation_was_deleted_while_it_generated_says_it_is_in_
 def test_of_two_turns_at_once_in_one_conversation_the_later_is_not_appended(make_gateway, monkeypatch):
     """Two responses in one conversation at once both read it before either appended: the one that finishes second
     did not see the other's turn, so appending it after that turn would make the conversation say it answered
-    what it never read. It is answered, saying `conversation: null` (and not stored), and the conversation holds
-    the first turn only (OpenAI takes one request per conversation at a time)."""
+    what it never read. It is answered, and kept on its own, saying `conversation: null`, and the conversation
+    holds the first turn only."""
     gw = make_gateway()
     client, store = gw.client(), gw.state.responses
     conversation = client.conversations.create(items=[_user("x")])
@@ -193,11 +193,11 @@ def test_of_two_turns_at_once_in_one_conversation_the_later_is_not_appended(make
     monkeypatch.setattr(store, "put", another_turn_finished_first)
     answer = client.responses.create(model=MODEL, conversation=conversation.id, input=AGAIN, max_output_tokens=2)
     other, = others
-    assert other.conversation.id == conversation.id and (answer.conversation, answer.store) == (None, False)
+    assert other.conversation.id == conversation.id and (answer.conversation, answer.store) == (None, True)
     assert _texts(client.conversations.items.list(conversation.id, order="asc").data) == [
         "x", "other", other.output_text]
-    with pytest.raises(openai.NotFoundError):
-        client.responses.retrieve(answer.id)
+    kept = client.responses.retrieve(answer.id)
+    assert kept.conversation is None and kept.output_text == answer.output_text
 
 
 def test_a_conversation_stored_with_an_id_twice_still_pages_to_the_end(make_gateway):

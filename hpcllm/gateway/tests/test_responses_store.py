@@ -560,8 +560,9 @@ def test_a_turn_that_would_outgrow_the_bound_leaves_its_conversation_as_it_was(s
     first = [_message("msg_1", "x" * 500)]
     store = make(ttl_s=3600, max_bytes=1000)
     store.create_conversation("alice", {"id": "conv_1"}, first)
-    turn = NewResponse(input=[*first, _message("msg_2", "y" * 500)], response={"id": "resp_1", "output": []},
-                       conversation="conv_1", carried=1)
+    read, read_upto = store.read_conversation("alice", "conv_1")
+    turn = NewResponse(input=[*read, _message("msg_2", "y" * 500)], response={"id": "resp_1", "output": []},
+                       conversation="conv_1", carried=len(read), read_upto=read_upto)
     with pytest.raises(TooLarge):
         store.put("alice", turn)
     assert store.conversation_items("alice", "conv_1") == first and store.get("alice", "resp_1") is None
@@ -574,13 +575,45 @@ def test_a_turn_is_appended_to_its_conversation_though_its_response_is_too_large
     store = make(ttl_s=3600, max_bytes=1000)
     store.create_conversation("alice", {"id": "conv_1"}, [_message("msg_1")])
     for store_it in (False, True):
-        read = store.conversation_items("alice", "conv_1")  # each turn reads the conversation as it is
+        read, read_upto = store.read_conversation("alice", "conv_1")  # each turn reads the conversation as it is
         turn = NewResponse(input=[*read, _message(f"msg_2_{store_it}")], conversation="conv_1", carried=len(read),
-                           store=store_it, response={"id": "resp_1", "tools": "t" * 1000, "output": []})
+                           read_upto=read_upto, store=store_it,
+                           response={"id": "resp_1", "tools": "t" * 1000, "output": []})
         assert store.put("alice", turn) is False
     assert [item["id"] for item in store.conversation_items("alice", "conv_1")] == [
         "msg_1", "msg_2_False", "msg_2_True"]
     assert store.get("alice", "resp_1") is None
+
+
+def test_a_turn_is_not_appended_after_items_another_request_appended_while_it_generated(store_at):
+    """A turn is appended only where nothing came after the items it read: another request adding one item and
+    deleting another leaves as many items as the turn read, yet the answer never read the new one, so the turn is
+    kept on its own (its response says conversation None) and not appended after it. Items only deleted meanwhile
+    are no reason: appended after fewer items, the conversation is one a client could have made."""
+    make, now = store_at
+    store = make(ttl_s=3600, max_bytes=10 ** 6)
+    store.create_conversation("alice", {"id": "conv_1"}, [_message("msg_1"), _message("msg_2")])
+
+    def turn(number: int) -> NewResponse:
+        read, read_upto = store.read_conversation("alice", "conv_1")
+        return NewResponse(input=[*read, _message(f"msg_in_{number}")], conversation="conv_1", carried=len(read),
+                           read_upto=read_upto, response={"id": f"resp_{number}", "conversation": {"id": "conv_1"},
+                                                          "output": [_message(f"msg_out_{number}", role="assistant")]})
+
+    changed = turn(1)
+    store.add_items("alice", "conv_1", [_message("msg_3")])
+    store.delete_item("alice", "conv_1", "msg_1")
+    assert store.put("alice", changed) is True
+    assert changed.response["conversation"] is None
+    assert store.get("alice", "resp_1").response["conversation"] is None  # kept on its own
+    assert [item["id"] for item in store.conversation_items("alice", "conv_1")] == ["msg_2", "msg_3"]
+
+    deleted_only = turn(2)
+    store.delete_item("alice", "conv_1", "msg_3")
+    assert store.put("alice", deleted_only) is True
+    assert deleted_only.response["conversation"] == {"id": "conv_1"}
+    assert [item["id"] for item in store.conversation_items("alice", "conv_1")] == [
+        "msg_2", "msg_in_2", "msg_out_2"]
 
 
 def test_an_input_naming_a_hundred_thousand_item_references_is_read_in_chunks(store_at):
