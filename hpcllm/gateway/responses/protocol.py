@@ -100,7 +100,8 @@ class InputItem(OpenAIRequest):
         missing = next((name for name in needed if getattr(self, name) is None), None)
         if missing is not None:
             raise ValueError(f"a {self.type} item needs '{missing}'")
-        if self.call_id == "" and self.type in ("function_call", "function_call_output"):  # it pairs nothing
+        # An empty call_id pairs nothing: a client's is refused (one stored by an hpcllm before is read back as kept)
+        if self.call_id == "" and self.type in ("function_call", "function_call_output") and info.context != STORED:
             raise ValueError(f"a {self.type} item needs a non-empty 'call_id'")
         if self.type == "message":
             _content_shape(self.content, "content")

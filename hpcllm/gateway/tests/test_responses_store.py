@@ -445,6 +445,26 @@ def test_item_references_are_the_keys_stored_items(make_gateway):
         assert error["message"].startswith("Item with id ")
 
 
+def test_a_function_call_stored_with_an_empty_call_id_is_still_continued(make_gateway):
+    """An hpcllm before an empty call_id was refused kept a client's function_call with call_id "": items read back
+    from the store are not checked as a client's are, so continuing it (previous_response_id, its conversation, an
+    item_reference naming it) is answered, not a 500 (a pydantic ValidationError reading the stored item)."""
+    gw = make_gateway()
+    client, store = gw.client(), gw.state.responses
+    owner = owner_of(gw.state.api_keys.get(USER_KEY))
+    call = {"id": "fc_old", "type": "function_call", "status": "completed", "call_id": "", "name": "get_weather",
+            "arguments": "{}"}
+    store.put(owner, NewResponse(input=[_message("msg_old", QUESTION), call],
+                                 response={"id": "resp_old", "output": [_message("msg_out", "sunny", "assistant")]}))
+    conversation = client.conversations.create(items=[_user(QUESTION)])
+    store.add_items(owner, conversation.id, [{**call, "id": "fc_old_in_conversation"}])
+    for continuing in ({"previous_response_id": "resp_old", "input": AGAIN},
+                       {"conversation": conversation.id, "input": AGAIN},
+                       {"input": [{"type": "item_reference", "id": "fc_old"}, _user(AGAIN)]}):
+        answer = client.responses.create(model=MODEL, max_output_tokens=2, **continuing)
+        assert answer.error is None and answer.output_text  # generated (cut at max_output_tokens)
+
+
 def test_an_item_id_its_conversation_has_already_is_refused_so_its_listing_pages_to_the_end(gateway):
     """OpenAI's 400 for an input repeating an item id, its own or its previous response's: kept twice, the input_items
     listing (paged by `after`, an item id) would page from the first of them forever."""
