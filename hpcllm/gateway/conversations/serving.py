@@ -12,7 +12,8 @@ from hpcllm.gateway.conversations.protocol import (ConversationCreate, Conversat
 from hpcllm.gateway.errors import NotFound
 from hpcllm.gateway.protocol import parse_query
 from hpcllm.gateway.response_store import DuplicateItem, OverQuota, TooLarge, owner_of
-from hpcllm.gateway.responses.protocol import InputItem, InputItemsQuery, ItemList, check_unique_ids, duplicate_item
+from hpcllm.gateway.responses.protocol import (InputItem, InputItemsQuery, ItemList, annotated, check_unique_ids,
+                                               duplicate_item)
 from hpcllm.gateway.responses.serving import quota_error, referenced, storage_disabled, too_large
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import RequestContext
@@ -111,7 +112,7 @@ def get_item(gw: Gateway, ctx: RequestContext, conversation_id: str, item_id: st
     if item is None:
         get_conversation(gw, ctx, conversation_id)  # which one is missing: the conversation, or its item
         raise _item_not_found(item_id)
-    return item
+    return annotated(item)
 
 
 def delete_item(gw: Gateway, ctx: RequestContext, conversation_id: str, item_id: str) -> dict[str, Any]:

@@ -119,15 +119,22 @@ class InputItem(OpenAIRequest):
         if self.type == "message":
             kind = "output_text" if self.role == "assistant" else "input_text"
             content = [{"type": kind, "text": self.content}] if isinstance(self.content, str) else self.content
-            # OpenAI's output_text part has its annotations (openai-python's ResponseOutputText requires them)
-            content = [{**part, "annotations": part.get("annotations", [])} if part["type"] == "output_text" else part
-                       for part in content]
-            return {**item, "role": self.role, "content": content}
+            return annotated({**item, "role": self.role, "content": content})
         if self.type == "function_call":
             return {**item, "call_id": self.call_id, "name": self.name, "arguments": self.arguments}
         if self.type == "function_call_output":
             return {**item, "call_id": self.call_id, "output": self.output}
         return {**self.model_dump(exclude_none=True), **item}
+
+
+def annotated(item: dict[str, Any]) -> dict[str, Any]:
+    """A kept item as it is listed: a message's output_text parts with their annotations (openai-python's
+    ResponseOutputText requires them; [] where none were sent, and on items an hpcllm before kept without)."""
+    if item.get("type") != "message" or not isinstance(item.get("content"), list):
+        return item
+    return {**item, "content": [{**part, "annotations": part.get("annotations", [])}
+                                if isinstance(part, dict) and part.get("type") == "output_text" else part
+                                for part in item["content"]]}
 
 
 def stored_item(item: dict[str, Any]) -> InputItem:
@@ -450,7 +457,8 @@ class InputItemsQuery(OpenAIRequest):
             # After its last occurrence: items stored before repeated ids were refused (duplicate_item) may hold one
             # twice, and resuming after the first would page from there forever.
             start = len(ids) - ids[::-1].index(self.after)
-        return ItemList.of(ordered[start:start + self.limit], start + self.limit < len(ordered)).model_dump()
+        return ItemList.of([annotated(item) for item in ordered[start:start + self.limit]],
+                           start + self.limit < len(ordered)).model_dump()
 
 
 ItemList = ListPage[dict[str, Any]]  # OpenAI's list object of items (the JSON objects stored)

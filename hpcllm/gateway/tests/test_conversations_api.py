@@ -15,6 +15,8 @@ import pytest
 from openai.types.conversations import ConversationItem
 from openai.types.responses import ResponseItem
 
+from hpcllm.gateway.response_store import NewResponse, owner_of
+
 from .conftest import MODEL, USER_KEY, scripted_gateway
 from .stand_in_worker import Script
 from .test_errors import assert_error
@@ -94,6 +96,26 @@ def test_items_are_listed_in_openais_item_types(gateway):
     answer = gateway.client().responses.create(model=MODEL, input=items, max_output_tokens=2)
     listed = gateway.get(f"/v1/responses/{answer.id}/input_items", params={"order": "asc"}).json()
     assert len(pydantic.TypeAdapter(list[ResponseItem]).validate_python(listed["data"])) == len(items)
+
+
+def test_items_kept_without_annotations_are_listed_with_them(make_gateway):
+    """An assistant message an hpcllm before kept as sent (an output_text part without `annotations`) is listed
+    with them too: GET /v1/conversations/{id}/items, its item, and GET /v1/responses/{id}/input_items validate as
+    openai-python's types."""
+    gw = make_gateway()
+    client, store = gw.client(), gw.state.responses
+    owner = owner_of(gw.state.api_keys.get(USER_KEY))
+    old = {"id": "msg_old", "type": "message", "role": "assistant", "status": "completed",
+           "content": [{"type": "output_text", "text": "z"}]}
+    conversation = client.conversations.create(items=[_user("x")])
+    store.add_items(owner, conversation.id, [old])
+    store.put(owner, NewResponse(input=[{**old, "id": "msg_old_input"}], response={"id": "resp_old", "output": []}))
+    listed = gw.get(f"/v1/conversations/{conversation.id}/items", params={"order": "asc"}).json()["data"]
+    one = gw.get(f"/v1/conversations/{conversation.id}/items/msg_old").json()
+    inputs = gw.get("/v1/responses/resp_old/input_items").json()["data"]
+    kept = pydantic.TypeAdapter(list[ConversationItem]).validate_python([*listed, one])
+    assert [part.annotations for part in kept[1].content + kept[2].content] == [[], []]
+    assert pydantic.TypeAdapter(list[ResponseItem]).validate_python(inputs)[0].content[0].annotations == []
 
 
 def test_an_item_id_a_conversation_has_already_is_refused_so_its_listing_pages_to_the_end(gateway):
