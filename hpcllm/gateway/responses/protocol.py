@@ -105,7 +105,8 @@ class InputItem(OpenAIRequest):
             raise ValueError(f"a {self.type} item needs a non-empty 'call_id'")
         if self.type == "message":
             _content_shape(self.content, "content")
-        elif self.type == "function_call" and info.context != STORED:
+        elif self.type == "function_call" and info.context != STORED:  # a client's call, as chat's tools are named
+            function_name(self.name)
             json_object_arguments(self.arguments)
         elif self.type == "function_call_output":
             _content_shape(self.output, "output")
