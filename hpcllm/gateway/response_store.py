@@ -480,7 +480,8 @@ class ResponseStore:
         return True
 
     def delete_item(self, owner: str, conversation_id: str, item_id: str) -> bool | None:
-        """None: no such conversation; False: no such item in it."""
+        """None: no such conversation; False: no such item in it. A change: the conversation expires the TTL after."""
+        now = self.clock()
         with self.shared.transaction() as db:
             if self._row(db, conversation_id, owner) is None:
                 return None
@@ -489,7 +490,8 @@ class ResponseStore:
             if row is None:
                 return False
             db.conn.execute("DELETE FROM gateway_items WHERE seq = ?", (row["seq"],))
-            db.conn.execute("UPDATE gateway_stored SET size = size - ? WHERE id = ?", (row["size"], conversation_id))
+            db.conn.execute("UPDATE gateway_stored SET size = size - ?, seen = ?, used = ? WHERE id = ?",
+                            (row["size"], now, now, conversation_id))
         return True
 
     def delete_conversation(self, owner: str, conversation_id: str) -> bool:

@@ -636,6 +636,19 @@ def test_a_turn_is_not_appended_after_items_another_request_appended_while_it_ge
         "msg_2", "msg_in_2", "msg_out_2"]
 
 
+def test_deleting_an_item_is_a_change_a_conversation_expires_after(store_at):
+    """A conversation expires responses_ttl_hours after its last change: deleting one of its items is one (as
+    adding items or changing its metadata are), so it is there until the TTL after the delete."""
+    make, now = store_at
+    store = make(ttl_s=3600, max_bytes=10 ** 6)
+    store.create_conversation("alice", {"id": "conv_1"}, [_message("msg_1"), _message("msg_2")])
+    now[0] += 3000
+    assert store.delete_item("alice", "conv_1", "msg_1") is True
+    now[0] += 3000
+    assert store.conversation("alice", "conv_1") == {"id": "conv_1"}
+    assert [item["id"] for item in store.conversation_items("alice", "conv_1")] == ["msg_2"]
+
+
 def test_an_input_naming_a_hundred_thousand_item_references_is_read_in_chunks(store_at):
     """PostgreSQL takes at most 65,535 parameters a query: one IN (...) of every id named was an error there (a 503
     for the client, the connection dropped); the ids are read ITEMS_PER_QUERY at a time, the latest of an id kept."""
