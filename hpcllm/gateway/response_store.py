@@ -225,7 +225,7 @@ class ResponseStore:
     def put(self, owner: str, new: NewResponse) -> bool:
         """Keep a response (False: larger than the whole byte bound, or the owner over its quota: not kept), appending
         its items to its conversation (TooLarge: the conversation would not fit in the whole bound; DuplicateItem:
-        an item of one of its input's ids was added to the conversation while it was generated; nothing is kept).
+        the conversation holds an item of one of its input's ids among those the turn read; nothing is kept).
         A conversation deleted or expired meanwhile, or appended to by another request since the turn read it (an
         item after `read_upto`: the answer did not read it, and appended after it the conversation would say it
         did): the response is kept on its own (`store`), its `conversation` set to None, nothing appended. Items

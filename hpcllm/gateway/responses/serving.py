@@ -157,8 +157,9 @@ def keeper(gw: Gateway, owner: str, new: NewResponse) -> Callable[[dict[str, Any
     When it cannot be kept (the database is away, it is larger than responses_max_bytes, or its key over its
     quota), the answer still goes out, saying `store: false`; when its turn was not appended to its conversation
     (the database is away, the output made the conversation larger than responses_max_bytes, an item of its input's
-    id was added to it meanwhile; or, the response still kept, another request appended to it or deleted it
-    meanwhile), saying `conversation: null` (OpenAI's field names the conversation its items were added to)."""
+    id in it, which the check before generating refuses; or, the response still kept, another request appended to
+    it or deleted it meanwhile), saying `conversation: null` (OpenAI's field names the conversation its items were
+    added to)."""
     def keep(body: dict[str, Any]) -> None:
         appended = True
         try:

@@ -167,7 +167,8 @@ def test_an_item_id_added_by_another_request_meanwhile_is_not_added_again(make_g
     monkeypatch.setattr(store, "put", added_while_generating)
     again = {**hello, "id": "msg_again", "content": AGAIN}
     answer = client.responses.create(model=MODEL, conversation=conversation.id, input=[again], max_output_tokens=2)
-    assert (answer.conversation, answer.store) == (None, False)  # its turn not appended: it would repeat msg_again
+    # its turn not appended (it would repeat msg_again, and follow an item it did not read), kept on its own
+    assert (answer.conversation, answer.store) == (None, True)
 
     paged = list(itertools.islice(client.conversations.items.list(conversation.id, order="asc", limit=1), 10))
     assert _texts(paged) == ["x", "hello", AGAIN]
