@@ -479,6 +479,20 @@ class ResponseStore:
             self._prune(db, now)
         return True
 
+    def begin_turn(self, owner: str, conversation_id: str, turn_id: str) -> bool | None:
+        """A response turn's hold on its conversation while it is generated (one at a time, as OpenAI's): None when
+        the owner has no such conversation, False when another turn holds it. A stream-slot lease
+        (SharedState.hold_slot, under the conversation's row lock): freed by end_turn, or when the process holding
+        it dies or its lease runs out."""
+        with self.shared.transaction() as db:
+            if self._row(db, conversation_id, owner) is None:
+                return None
+            return self.shared.hold_slot(db, f"conversation:{conversation_id}", turn_id, 1)
+
+    def end_turn(self, turn_id: str) -> None:
+        """Free begin_turn's hold (again: a no-op)."""
+        self.shared.close_stream(turn_id)
+
     def delete_item(self, owner: str, conversation_id: str, item_id: str) -> bool | None:
         """None: no such conversation; False: no such item in it. A change: the conversation expires the TTL after."""
         now = self.clock()

@@ -267,19 +267,26 @@ class SharedState:
         """Take one of `limit` stream slots of `bucket` for stream_id (False: all taken). Slots of holders whose
         lease ran out (a crashed host) or of dead processes on this host (a killed gunicorn worker) are freed here."""
         now = time.time() if now is None else now
-        holder = self.holder
-        self._start_heartbeat()
         with self.transaction() as db:
             self._lock_stream_bucket(db, bucket, now)
-            self._free_abandoned_slots(db, bucket, holder, now)
-            held = db.conn.execute("SELECT COUNT(*) AS held FROM gateway_stream_slots WHERE bucket = ?",
-                                   (bucket,)).fetchone()["held"]
-            if held >= limit:
-                return False
-            self._renew(db, now)
-            db.conn.execute("INSERT INTO gateway_stream_slots (id, bucket, holder) VALUES (?, ?, ?)",
-                            (stream_id, bucket, holder))
-            return True
+            return self.hold_slot(db, bucket, stream_id, limit, now)
+
+    def hold_slot(self, db: Database, bucket: str, slot_id: str, limit: int, now: float | None = None) -> bool:
+        """open_stream's take, in the caller's write transaction, which serializes the takes of `bucket` (open_stream:
+        a row named for it; a conversation's turn: the conversation's row). Freed by close_stream(slot_id), or when
+        this process dies or stops renewing its lease."""
+        now = time.time() if now is None else now
+        holder = self.holder
+        self._start_heartbeat()
+        self._free_abandoned_slots(db, bucket, holder, now)
+        held = db.conn.execute("SELECT COUNT(*) AS held FROM gateway_stream_slots WHERE bucket = ?",
+                               (bucket,)).fetchone()["held"]
+        if held >= limit:
+            return False
+        self._renew(db, now)
+        db.conn.execute("INSERT INTO gateway_stream_slots (id, bucket, holder) VALUES (?, ?, ?)",
+                        (slot_id, bucket, holder))
+        return True
 
     def _lock_stream_bucket(self, db: Database, bucket: str, now: float) -> None:
         """PostgreSQL: count-then-insert must not interleave between hosts; they serialize on a row named for the

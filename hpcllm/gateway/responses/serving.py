@@ -31,6 +31,7 @@ from hpcllm.gateway.responses.protocol import (REFERENCE, FunctionCallItem, Inco
                                                stored_item)
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import SSE_HEADERS, Delta, RequestContext, collect, stream_error
+from hpcllm.gateway.shared_state import WRITE_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,47 @@ def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> 
     if req.conversation is not None and not gw.responses.enabled:
         raise storage_disabled("conversation")
     req = resolved(gw, owner, req)
+    response_id = new_item_id("resp")
+    turn = None if req.conversation is None else begin_turn(gw, owner, req.conversation_id, response_id)
+    try:
+        answer = generated(gw, ctx, req, owner, response_id, turn)
+    except BaseException:
+        end_turn(gw, turn)
+        raise
+    if isinstance(answer, Response):  # freed as the answer is kept (keeper), else once the stream is closed
+        answer.call_on_close(lambda: end_turn(gw, turn))
+    else:
+        end_turn(gw, turn)
+    return answer
+
+
+def begin_turn(gw: Gateway, owner: str, conversation_id: str, response_id: str) -> str:
+    """The conversation held for this turn (its id for end_turn): OpenAI's 400 conversation_locked while another
+    turn is generated in it (it would not read this one's items, nor this one its), 404 for a conversation the key
+    cannot see."""
+    turn = f"{response_id}/turn"  # beside the response's own stream slot (its id)
+    held = gw.responses.begin_turn(owner, conversation_id, turn)
+    if held is None:
+        raise NotFound(f"Conversation with id '{conversation_id[:100]}' not found.", param="conversation")
+    if not held:
+        raise InvalidRequest("Another process is currently operating on this conversation. Please retry in a few "
+                             "seconds.", param="conversation", code="conversation_locked")
+    return turn
+
+
+def end_turn(gw: Gateway, turn: str | None) -> None:
+    """Free a turn's hold on its conversation (again: a no-op); failing that, the lease's next renewal does."""
+    if turn is None:
+        return
+    try:
+        gw.responses.end_turn(turn)
+    except WRITE_FAILED as exc:
+        log.warning("could not free conversation turn %s (freed at the lease's next renewal): %s", turn, exc)
+
+
+def generated(gw: Gateway, ctx: RequestContext, req: ResponsesRequest, owner: str, response_id: str,
+              turn: str | None) -> Response | dict:
+    """The answer (streamed: a Response) of a request resolved, its conversation held (turn)."""
     asked, carried, read_upto = continued(gw, owner, req)
     check_unique_ids((item.id for item in asked.input[:carried]), asked.input[carried:], "input")
     keep = None
@@ -50,10 +92,10 @@ def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> 
                           previous=req.previous_response_id, conversation=req.conversation_id, carried=carried,
                           store=req.store, read_upto=read_upto)
         within_bounds(gw, owner, new)
-        keep = keeper(gw, owner, new)
+        keep = keeper(gw, owner, new, turn)
     chat_req = asked.to_chat()
     try:
-        generation, parser = start_chat(gw, ctx, chat_req, new_item_id("resp"))
+        generation, parser = start_chat(gw, ctx, chat_req, response_id)
     except InvalidRequest as exc:
         raise renamed_for_responses(exc) from None
     answer = ResponseBuilder(req, generation.response_id, ctx.created, keep)
@@ -152,15 +194,22 @@ def continued(gw: Gateway, owner: str, req: ResponsesRequest) -> tuple[Responses
     return asked, len(asked.input) - len(req.input), read_upto
 
 
-def keeper(gw: Gateway, owner: str, new: NewResponse) -> Callable[[dict[str, Any]], None]:
+def keeper(gw: Gateway, owner: str, new: NewResponse, turn: str | None = None) -> Callable[[dict[str, Any]], None]:
     """Stores a finished response with its conversation's input items (appending its items to its conversation).
     When it cannot be kept (the database is away, it is larger than responses_max_bytes, or its key over its
     quota), the answer still goes out, saying `store: false`; when its turn was not appended to its conversation
     (the database is away, the output made the conversation larger than responses_max_bytes, an item of its input's
     id in it, which the check before generating refuses; or, the response still kept, another request appended to
     it or deleted it meanwhile), saying `conversation: null` (OpenAI's field names the conversation its items were
-    added to)."""
+    added to). Then its turn's hold on the conversation is freed: before the answer's last event, on which a client
+    may send its next turn."""
     def keep(body: dict[str, Any]) -> None:
+        try:
+            kept(body)
+        finally:
+            end_turn(gw, turn)
+
+    def kept(body: dict[str, Any]) -> None:
         appended = True
         try:
             kept = gw.responses.put(owner, replace(new, response=body))
@@ -172,7 +221,7 @@ def keeper(gw: Gateway, owner: str, new: NewResponse) -> Callable[[dict[str, Any
         except (TooLarge, DuplicateItem) as exc:  # the answer is out already: the transaction rolled back, neither
             # it nor the turn is kept
             why = ("the conversation would be larger than gateway.responses_max_bytes" if isinstance(exc, TooLarge)
-                   else "another request added an item of its input's id to the conversation while it was generated")
+                   else "the conversation has an item of its input's id")
             log.warning("response %s was not stored nor added to its conversation (%s)", body["id"], why)
             body["store"], body["conversation"] = False, None
             return

@@ -196,29 +196,66 @@ def test_a_turn_whose_conversation_was_deleted_while_it_generated_says_it_is_in_
         client.conversations.retrieve(conversation.id)
 
 
-def test_of_two_turns_at_once_in_one_conversation_the_later_is_not_appended(make_gateway, monkeypatch):
-    """Two responses in one conversation at once both read it before either appended: the one that finishes second
-    did not see the other's turn, so appending it after that turn would make the conversation say it answered
-    what it never read. It is answered, and kept on its own, saying `conversation: null`, and the conversation
-    holds the first turn only."""
+def test_a_second_turn_while_one_is_generated_in_the_conversation_is_refused(make_gateway, monkeypatch):
+    """Two responses in one conversation at once would each answer without the other's turn, and the later one be
+    listed after a turn it never read: as OpenAI, the second is a 400 conversation_locked (the client raises, and
+    may retry). The hold is freed once a turn is answered, and once one is refused; a holder gone (its process
+    dead, its lease run out) holds nothing."""
     gw = make_gateway()
     client, store = gw.client(), gw.state.responses
     conversation = client.conversations.create(items=[_user("x")])
-    put, others, puts = store.put, [], []
+    put, refused = store.put, []
 
-    def another_turn_finished_first(owner, new):
-        puts.append(new)
-        if len(puts) == 1:  # this turn has generated; another one, started meanwhile, is appended first
-            others.append(client.responses.create(model=MODEL, conversation=conversation.id, input="other",
-                                                  max_output_tokens=2))
+    def another_turn_meanwhile(owner, new):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(model=MODEL, conversation=conversation.id, input="other", max_output_tokens=2)
+        refused.append(caught.value)
         return put(owner, new)
 
-    monkeypatch.setattr(store, "put", another_turn_finished_first)
+    monkeypatch.setattr(store, "put", another_turn_meanwhile)
     answer = client.responses.create(model=MODEL, conversation=conversation.id, input=AGAIN, max_output_tokens=2)
-    other, = others
-    assert other.conversation.id == conversation.id and (answer.conversation, answer.store) == (None, True)
-    assert _texts(client.conversations.items.list(conversation.id, order="asc").data) == [
-        "x", "other", other.output_text]
+    *_, last_event = client.responses.create(model=MODEL, conversation=conversation.id, input=AGAIN,
+                                             max_output_tokens=2, stream=True)  # freed before its last event too
+    streamed = last_event.response
+    monkeypatch.setattr(store, "put", put)
+    assert answer.conversation.id == streamed.conversation.id == conversation.id
+    for error in refused:
+        assert (error.status_code, error.code, error.param) == (400, "conversation_locked", "conversation")
+        assert error.body["message"].startswith("Another process is currently operating on this conversation.")
+    assert len(refused) == 2
+
+    # refused before generating (its prompt too long): freed too
+    assert_error(gw.post("/v1/responses", json={"model": MODEL, "conversation": conversation.id,
+                                                "input": "hello " * 5000}), 400, "context_length_exceeded", "input")
+    # a holder whose lease ran out (a gateway host gone)
+    with store.shared.transaction() as db:
+        db.conn.execute("INSERT INTO gateway_stream_holders (holder, host, pid, renewed) VALUES (?, ?, ?, ?)",
+                        ("gone/1/x", "gone", 1, 0.0))
+        db.conn.execute("INSERT INTO gateway_stream_slots (id, bucket, holder) VALUES (?, ?, ?)",
+                        ("resp_gone/turn", f"conversation:{conversation.id}", "gone/1/x"))
+    last = client.responses.create(model=MODEL, conversation=conversation.id, input="last", max_output_tokens=2)
+    assert last.conversation.id == conversation.id
+    assert _texts(client.conversations.items.list(conversation.id, order="asc").data)[-2:] == [
+        "last", last.output_text]
+
+
+def test_a_turn_is_not_appended_after_items_added_while_it_generated(make_gateway, monkeypatch):
+    """Items added to the conversation while a turn generates (they do not wait for its hold): its answer did not
+    read them, and appended after them the conversation would say it did. It is answered, and kept on its own,
+    saying `conversation: null`; the conversation holds the items added."""
+    gw = make_gateway()
+    client, store = gw.client(), gw.state.responses
+    conversation = client.conversations.create(items=[_user("x")])
+    put = store.put
+
+    def added_meanwhile(owner, new):
+        client.conversations.items.create(conversation.id, items=[_user("other")])
+        return put(owner, new)
+
+    monkeypatch.setattr(store, "put", added_meanwhile)
+    answer = client.responses.create(model=MODEL, conversation=conversation.id, input=AGAIN, max_output_tokens=2)
+    assert (answer.conversation, answer.store) == (None, True)
+    assert _texts(client.conversations.items.list(conversation.id, order="asc").data) == ["x", "other"]
     kept = client.responses.retrieve(answer.id)
     assert kept.conversation is None and kept.output_text == answer.output_text
 
