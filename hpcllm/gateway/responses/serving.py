@@ -198,18 +198,17 @@ def keeper(gw: Gateway, owner: str, new: NewResponse, turn: str | None = None) -
     """Stores a finished response with its conversation's input items (appending its items to its conversation).
     When it cannot be kept (the database is away, it is larger than responses_max_bytes, or its key over its
     quota), the answer still goes out, saying `store: false`; when its turn was not appended to its conversation
-    (the database is away, the output made the conversation larger than responses_max_bytes, an item of its input's
-    id in it, which the check before generating refuses; or, the response still kept, another request appended to
-    it or deleted it meanwhile), saying `conversation: null` (OpenAI's field names the conversation its items were
-    added to). Then its turn's hold on the conversation is freed: before the answer's last event, on which a client
-    may send its next turn."""
+    (the database is away, the output made the conversation larger than responses_max_bytes; or, the response still
+    kept, another request added items to it or deleted it meanwhile), saying `conversation: null` (OpenAI's field
+    names the conversation its items were added to). Then its turn's hold on the conversation is freed: before the
+    answer's last event, on which a client may send its next turn."""
     def keep(body: dict[str, Any]) -> None:
         try:
-            kept(body)
+            store_it(body)
         finally:
             end_turn(gw, turn)
 
-    def kept(body: dict[str, Any]) -> None:
+    def store_it(body: dict[str, Any]) -> None:
         appended = True
         try:
             kept = gw.responses.put(owner, replace(new, response=body))
