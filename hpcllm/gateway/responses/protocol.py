@@ -105,8 +105,11 @@ class InputItem(OpenAIRequest):
             raise ValueError(f"a {self.type} item needs a non-empty 'call_id'")
         if self.type == "message":
             _content_shape(self.content, "content")
-        elif self.type == "function_call" and info.context != STORED:  # a client's call, as chat's tools are named
-            function_name(self.name)
+        elif self.type == "function_call" and info.context != STORED:
+            # any name a parser took from a model's answer (Hermes models write "functions.get_weather") comes back
+            # as the answer gave it (OpenAI's tool loop: input += response.output); an empty one names nothing
+            if not self.name:
+                raise ValueError("a function_call item needs a non-empty 'name'")
             json_object_arguments(self.arguments)
         elif self.type == "function_call_output":
             _content_shape(self.output, "output")

@@ -342,7 +342,7 @@ def test_another_keys_conversation_does_not_exist_for_it(make_gateway):
     ({"items": [_user("x"), {"type": "item_reference", "id": "msg_none"}]}, 400, "item_not_found", "items[1]"),
     ({"items": [{"role": "user"}]}, 422, "invalid_value", "items[0]"),
     ({"items": [{"type": "function_call_output", "call_id": "", "output": "x"}]}, 422, "invalid_value", "items[0]"),
-    ({"items": [{"type": "function_call", "call_id": "c", "name": "a b", "arguments": "{}"}]}, 422, "invalid_value",
+    ({"items": [{"type": "function_call", "call_id": "c", "name": "", "arguments": "{}"}]}, 422, "invalid_value",
      "items[0]"),
 ])
 def test_what_cannot_be_kept_or_read_is_a_4xx_naming_it(gateway, body, status, code, param):
