@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 
 import httpx
 import openai
@@ -16,6 +17,7 @@ from openai.types.conversations import ConversationItem
 from openai.types.responses import ResponseItem
 
 from hpcllm.gateway.response_store import NewResponse, owner_of
+from hpcllm.gateway.responses.serving import ResponseBuilder
 
 from .conftest import MODEL, USER_KEY, scripted_gateway
 from .stand_in_worker import Script
@@ -199,8 +201,9 @@ def test_a_turn_whose_conversation_was_deleted_while_it_generated_says_it_is_in_
 def test_a_second_turn_while_one_is_generated_in_the_conversation_is_refused(make_gateway, monkeypatch):
     """Two responses in one conversation at once would each answer without the other's turn, and the later one be
     listed after a turn it never read: as OpenAI, the second is a 400 conversation_locked (the client raises, and
-    may retry). The hold is freed once a turn is answered, and once one is refused; a holder gone (its process
-    dead, its lease run out) holds nothing."""
+    may retry). The hold is freed once a turn is answered (before its last event, on which a client sends its next
+    turn, its stream still open), and once one is refused; a holder gone (its process dead, its lease run out)
+    holds nothing."""
     gw = make_gateway()
     client, store = gw.client(), gw.state.responses
     conversation = client.conversations.create(items=[_user("x")])
@@ -214,11 +217,27 @@ def test_a_second_turn_while_one_is_generated_in_the_conversation_is_refused(mak
 
     monkeypatch.setattr(store, "put", another_turn_meanwhile)
     answer = client.responses.create(model=MODEL, conversation=conversation.id, input=AGAIN, max_output_tokens=2)
-    *_, last_event = client.responses.create(model=MODEL, conversation=conversation.id, input=AGAIN,
-                                             max_output_tokens=2, stream=True)  # freed before its last event too
-    streamed = last_event.response
-    monkeypatch.setattr(store, "put", put)
-    assert answer.conversation.id == streamed.conversation.id == conversation.id
+    events, next_sent = ResponseBuilder.events, threading.Event()
+
+    def held_open(self, *args, **kwargs):  # the stream ends only once the next turn was answered (or refused)
+        yield from events(self, *args, **kwargs)
+        next_sent.wait(120)
+
+    monkeypatch.setattr(ResponseBuilder, "events", held_open)
+    with client.responses.create(model=MODEL, conversation=conversation.id, input=AGAIN, max_output_tokens=2,
+                                 stream=True) as stream:
+        for event in stream:
+            if event.type in ("response.completed", "response.incomplete"):  # its last: the next turn, sent on it
+                streamed = event.response
+                monkeypatch.setattr(store, "put", put)
+                try:
+                    next_turn = client.responses.create(model=MODEL, conversation=conversation.id, input="next",
+                                                        max_output_tokens=2)
+                finally:
+                    next_sent.set()
+    assert answer.conversation.id == streamed.conversation.id == next_turn.conversation.id == conversation.id
+    assert _texts(client.conversations.items.list(conversation.id, order="asc").data)[-2:] == [
+        "next", next_turn.output_text]
     for error in refused:
         assert (error.status_code, error.code, error.param) == (400, "conversation_locked", "conversation")
         assert error.body["message"].startswith("Another process is currently operating on this conversation.")
