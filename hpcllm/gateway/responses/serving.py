@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -57,12 +57,20 @@ def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> 
     return answer
 
 
-def begin_turn(gw: Gateway, owner: str, conversation_id: str, response_id: str) -> str:
-    """The conversation held for this turn (its id for end_turn): OpenAI's 400 conversation_locked while another
+@dataclass
+class Turn:
+    """A response turn's hold on its conversation (begin_turn), freed once (end_turn): by its keeper, before the
+    answer's last event, else when it fails or its stream closes."""
+    id: str
+    held: bool = True
+
+
+def begin_turn(gw: Gateway, owner: str, conversation_id: str, response_id: str) -> Turn:
+    """The conversation held for this turn (for end_turn): OpenAI's 400 conversation_locked while another
     turn is generated in it (it would not read this one's items, nor this one its), 404 for a conversation the key
     cannot see."""
-    turn = f"{response_id}/turn"  # beside the response's own stream slot (its id)
-    held = gw.responses.begin_turn(owner, conversation_id, turn)
+    turn = Turn(f"{response_id}/turn")  # beside the response's own stream slot (its id)
+    held = gw.responses.begin_turn(owner, conversation_id, turn.id)
     if held is None:
         raise NotFound(f"Conversation with id '{conversation_id[:100]}' not found.", param="conversation")
     if not held:
@@ -71,18 +79,20 @@ def begin_turn(gw: Gateway, owner: str, conversation_id: str, response_id: str) 
     return turn
 
 
-def end_turn(gw: Gateway, turn: str | None) -> None:
-    """Free a turn's hold on its conversation (again: a no-op); failing that, the lease's next renewal does."""
-    if turn is None:
+def end_turn(gw: Gateway, turn: Turn | None) -> None:
+    """Free a turn's hold on its conversation (already freed: nothing to do); failing that, the lease's next
+    renewal does."""
+    if turn is None or not turn.held:
         return
+    turn.held = False
     try:
-        gw.responses.end_turn(turn)
+        gw.responses.end_turn(turn.id)
     except WRITE_FAILED as exc:
-        log.warning("could not free conversation turn %s (freed at the lease's next renewal): %s", turn, exc)
+        log.warning("could not free conversation turn %s (freed at the lease's next renewal): %s", turn.id, exc)
 
 
 def generated(gw: Gateway, ctx: RequestContext, req: ResponsesRequest, owner: str, response_id: str,
-              turn: str | None) -> Response | dict:
+              turn: Turn | None) -> Response | dict:
     """The answer (streamed: a Response) of a request resolved, its conversation held (turn)."""
     asked, carried, read_upto = continued(gw, owner, req)
     check_unique_ids((item.id for item in asked.input[:carried]), asked.input[carried:], "input")
@@ -194,7 +204,7 @@ def continued(gw: Gateway, owner: str, req: ResponsesRequest) -> tuple[Responses
     return asked, len(asked.input) - len(req.input), read_upto
 
 
-def keeper(gw: Gateway, owner: str, new: NewResponse, turn: str | None = None) -> Callable[[dict[str, Any]], None]:
+def keeper(gw: Gateway, owner: str, new: NewResponse, turn: Turn | None = None) -> Callable[[dict[str, Any]], None]:
     """Stores a finished response with its conversation's input items (appending its items to its conversation).
     When it cannot be kept (the database is away, it is larger than responses_max_bytes, or its key over its
     quota), the answer still goes out, saying `store: false`; when its turn was not appended to its conversation

@@ -203,11 +203,13 @@ def test_a_second_turn_while_one_is_generated_in_the_conversation_is_refused(mak
     listed after a turn it never read: as OpenAI, the second is a 400 conversation_locked (the client raises, and
     may retry). The hold is freed once a turn is answered (before its last event, on which a client sends its next
     turn, its stream still open), and once one is refused; a holder gone (its process dead, its lease run out)
-    holds nothing."""
+    holds nothing. Each turn frees its hold once."""
     gw = make_gateway()
     client, store = gw.client(), gw.state.responses
     conversation = client.conversations.create(items=[_user("x")])
     put, refused = store.put, []
+    end_turn, freed = store.end_turn, []
+    monkeypatch.setattr(store, "end_turn", lambda turn_id: (freed.append(turn_id), end_turn(turn_id)))
 
     def another_turn_meanwhile(owner, new):
         with pytest.raises(openai.BadRequestError) as caught:
@@ -256,6 +258,7 @@ def test_a_second_turn_while_one_is_generated_in_the_conversation_is_refused(mak
     assert last.conversation.id == conversation.id
     assert _texts(client.conversations.items.list(conversation.id, order="asc").data)[-2:] == [
         "last", last.output_text]
+    assert len(freed) == len(set(freed)) == 5  # answer, streamed, next, the one too long, last
 
 
 def test_a_turn_is_not_appended_after_items_added_while_it_generated(make_gateway, monkeypatch):
