@@ -13,7 +13,8 @@ database layer (hpcllm.controller.registry.databases):
 
 Stream slots name their holder (host, pid and a random tag per process). A holder renews its lease every third
 of `lease_s` from a background thread; the slots of a holder whose lease ran out (a crashed or cut-off host), or
-of a dead process on this host, are freed by the next process that opens a stream on that key.
+of a dead process on this host, are freed by the next process that opens a stream on that key, or, for a Responses
+turn's hold on its conversation (ResponseStore.begin_turn), takes a turn in that conversation.
 """
 
 from __future__ import annotations
