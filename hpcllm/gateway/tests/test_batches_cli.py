@@ -26,6 +26,26 @@ def run(capsys, gw, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+class SubmitWaiting:
+    """`hpcllm batch submit --wait` of `count` completion lines, run in a thread; started once the batch's first
+    request reached the gated worker."""
+
+    def __init__(self, capsys, gw, worker, tmp_path, count: int):
+        requests = tmp_path / "requests.jsonl"
+        requests.write_bytes(jsonl([completion_line(f"r{i}") for i in range(count)]))
+        self._answer: list[tuple[int, str, str]] = []
+        self._thread = threading.Thread(target=lambda: self._answer.append(
+            run(capsys, gw, "submit", str(requests), "--endpoint", "/v1/completions", "--wait")))
+        self._thread.start()
+        assert worker.reached.wait(30)
+
+    def result(self) -> tuple[int, str, str]:
+        """The command's exit status, stdout and stderr once it returned."""
+        self._thread.join(60)
+        assert not self._thread.is_alive(), "submit --wait did not return"
+        return self._answer[0]
+
+
 def file_ids(gw) -> list[str]:
     return [uploaded.id for uploaded in gw.client().files.list()]
 
@@ -238,13 +258,7 @@ def test_submit_wait_exits_non_zero_unless_the_batch_completed(gated_factory, tm
     monkeypatch.setattr(batch_cli, "POLL_S", 0.05)
     worker, factory = gated_factory(blocked=0)
     gw = factory(batch_concurrency=1)
-    requests = tmp_path / "requests.jsonl"
-    requests.write_bytes(jsonl([completion_line(f"r{i}") for i in range(3)]))
-    answer = []
-    waiting = threading.Thread(target=lambda: answer.append(
-        run(capsys, gw, "submit", str(requests), "--endpoint", "/v1/completions", "--wait")))
-    waiting.start()
-    assert worker.reached.wait(30)
+    waiting = SubmitWaiting(capsys, gw, worker, tmp_path, 3)
     service = service_of(gw)
     (batch_id,) = service.runner.running
     if ending == "cancelled":
@@ -253,9 +267,7 @@ def test_submit_wait_exits_non_zero_unless_the_batch_completed(gated_factory, tm
         service.batches.renew(service.runner.running[batch_id], expires_at=int(time.time()) - 1)
     service.runner.wake()
     worker.release.set()
-    waiting.join(60)
-    assert not waiting.is_alive(), "submit --wait did not return"
-    code, out, err = answer[0]
+    code, out, err = waiting.result()
     assert code == batch_cli.BatchNotCompleted.EXIT_CODES[ending] and len(set(
         batch_cli.BatchNotCompleted.EXIT_CODES.values()) | {0, 1, 2}) == 6, (code, err)
     assert out.splitlines()[-1].startswith(f"{ending}: 1 completed") and err.startswith(
@@ -273,13 +285,7 @@ def test_submit_wait_is_answered_while_the_batch_keeps_the_keys_request_budget_e
     monkeypatch.setattr(batch_cli, "POLL_S", 0.05)
     worker, factory = gated_factory(blocked=0)
     gw = factory(batch_concurrency=1, api_keys=[{"key": USER_KEY, "name": "alice", "requests_per_minute": 60}])
-    requests = tmp_path / "requests.jsonl"
-    requests.write_bytes(jsonl([completion_line(f"r{i}") for i in range(2)]))
-    answer = []
-    waiting = threading.Thread(target=lambda: answer.append(
-        run(capsys, gw, "submit", str(requests), "--endpoint", "/v1/completions", "--wait")))
-    waiting.start()
-    assert worker.reached.wait(30)
+    waiting = SubmitWaiting(capsys, gw, worker, tmp_path, 2)
     bucket, limit = _bucket_id(gw.state.api_keys[USER_KEY], "requests"), {"capacity": 60, "per_second": 1.0}
     # Taken whole and 1 more, as of an hour from now: empty (not refilled) until the test refills it.
     gw.state.shared.take(bucket, **limit, cost=61, now=time.time() + 3600)
@@ -290,9 +296,7 @@ def test_submit_wait_is_answered_while_the_batch_keeps_the_keys_request_budget_e
     wait_until(lambda: polls_answered() >= before + 3)  # answered while the bucket is empty
     gw.state.shared.refund(bucket, **limit, amount=61, now=time.time())  # the batch's own lines go on
     worker.release.set()
-    waiting.join(60)
-    assert not waiting.is_alive(), "submit --wait did not return"
-    code, out, err = answer[0]
+    code, out, err = waiting.result()
     assert code == 0, (out, err)
     assert out.splitlines()[-1] == "completed: 2 completed, 0 failed of 2", out
     assert not metric(gw, "hpcllm_http_requests_total", endpoint="/v1/batches/<batch_id>", status="429"), err
@@ -308,18 +312,10 @@ def test_submit_wait_gives_up_on_a_gateway_gone_for_good_naming_the_batch(gated_
     monkeypatch.setattr(batch_cli, "GONE_GIVE_UP_S", 0.5)
     worker, factory = gated_factory(blocked=0)
     gw = factory(batch_concurrency=1)
-    requests = tmp_path / "requests.jsonl"
-    requests.write_bytes(jsonl([completion_line(f"r{i}") for i in range(2)]))
-    answer = []
-    waiting = threading.Thread(target=lambda: answer.append(
-        run(capsys, gw, "submit", str(requests), "--endpoint", "/v1/completions", "--wait")))
-    waiting.start()
-    assert worker.reached.wait(30)
+    waiting = SubmitWaiting(capsys, gw, worker, tmp_path, 2)
     (batch_id,) = service_of(gw).runner.running
     factory.running[-1][0].stop()  # the gateway's HTTP server: gone, its batch still running inside
-    waiting.join(60)
-    assert not waiting.is_alive(), "submit --wait did not return"
-    code, out, err = answer[0]
+    code, out, err = waiting.result()
     assert code == 1, (out, err)
     assert err.splitlines()[-1].startswith(f"error: gave up waiting for batch {batch_id}: no answer from the "
                                            f"gateway for "), err
