@@ -222,6 +222,18 @@ def test_users_see_no_other_groups_pools_nor_credential_ids(make_gateway, tmp_pa
     assert any(n.get("credential_id") == parse_token(token)[0] for n in admin["nodes"])
 
 
+def users_and_admins_view(make_gateway, h: Harness):
+    """The users' answer to GET /v1/status and the admin's status (JSON) through a gateway in front of h's
+    controller; closes the controller and its registry."""
+    server = ThreadServer(create_controller_app(h.controller))
+    try:
+        gw = make_gateway(router=None, static_models={}, controller_url=server.url, status_page_users=True)
+        return gw.get("/v1/status", key=USER_KEY), gw.get("/v1/admin/status", key=ADMIN_KEY).json()
+    finally:
+        server.stop()
+        h.registry.close()
+
+
 def test_users_view_of_a_failed_migration_names_no_node_agents_address(make_gateway, tmp_path):
     """A migration that failed keeps the controller's error, which names the node agent's internal address
     ("node agent http://n1:9000: ..."): the admin sees it, a user's view of the migrations does not."""
@@ -236,14 +248,7 @@ def test_users_view_of_a_failed_migration_names_no_node_agents_address(make_gate
     h, agents, _, _ = full_cluster(make_harness)
     agents.fail_migration = "ReadTimeout (test)"
     assert h.controller.route("b").status == "starting"  # moving a's instance off n1 failed
-    server = ThreadServer(create_controller_app(h.controller))
-    try:
-        gw = make_gateway(router=None, static_models={}, controller_url=server.url, status_page_users=True)
-        user = gw.get("/v1/status", key=USER_KEY)
-        admin = gw.get("/v1/admin/status", key=ADMIN_KEY).json()
-    finally:
-        server.stop()
-        h.registry.close()
+    user, admin = users_and_admins_view(make_gateway, h)
     assert admin["migrations"][0]["error"] == "node agent http://n1:9000: ReadTimeout (test)"
     assert user.status_code == 200 and [m["outcome"] for m in user.json()["migrations"]] == ["failed"]
     assert "http://n1" not in user.text, user.text
@@ -271,14 +276,7 @@ def test_users_view_names_no_checkpoint_or_adapter_paths_nor_slurm_accounts(make
     adapter = adapter_folder(tmp_path / "adapters" / "legal")
     h.deploy("llama-7b", lora_adapters={"llama-legal": adapter},
              slurm=SlurmOverrides(account="proj-secret", partition="debug", qos="vip-qos"))
-    server = ThreadServer(create_controller_app(h.controller))
-    try:
-        gw = make_gateway(router=None, static_models={}, controller_url=server.url, status_page_users=True)
-        user = gw.get("/v1/status", key=USER_KEY)
-        admin = gw.get("/v1/admin/status", key=ADMIN_KEY).json()
-    finally:
-        server.stop()
-        h.registry.close()
+    user, admin = users_and_admins_view(make_gateway, h)
     assert admin["models"][0]["lora_adapters"] == {"llama-legal": adapter}
     assert admin["models"][0]["slurm"]["account"] == "proj-secret"
     assert user.status_code == 200, user.text
