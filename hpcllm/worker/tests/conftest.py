@@ -13,6 +13,7 @@ from hpcllm.config import InternalHttpConfig
 from hpcllm.devmodels import ARCHITECTURES
 from hpcllm.httpkit.server import InternalServer
 from hpcllm.worker.client import WorkerClient
+from hpcllm.worker.protocol import GenerateRequest, PrepareMigration
 from hpcllm.worker.server import CONTROL_THREADS, ModelForServing, WorkerService, create_app
 
 ARCHS = list(ARCHITECTURES)
@@ -194,3 +195,9 @@ def make_engine():
     for engine in engines:
         engine.shutdown()
 
+
+def held(request_id: str, **fields) -> PrepareMigration:
+    """A request to hold; attached, it always runs to its 10 tokens ("length": sampled, EOS ended ~1% early)."""
+    generate = GenerateRequest(request_id=request_id, prompt_token_ids=[5, 6, 7], max_tokens=10, temperature=0.0,
+                               ignore_eos=True)
+    return PrepareMigration(request_id=request_id, generate=generate, **fields)

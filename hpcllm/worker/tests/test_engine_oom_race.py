@@ -11,8 +11,7 @@ import torch
 from hpcllm.worker.engine import InvalidRequest, RequestConflict
 from hpcllm.worker.protocol import GenerateRequest
 
-from .conftest import hold_at, wait_until
-from .test_migration import held
+from .conftest import held, hold_at, wait_until
 
 
 def test_a_step_out_of_memory_after_its_held_request_was_ended_by_extend_preempts_the_others(load_pair,

@@ -26,7 +26,7 @@ from hpcllm.worker.protocol import (
 )
 from hpcllm.worker.requests import KV_CACHE_FULL, preempted_reason
 
-from .conftest import handed_over, hold_at, slow_down, ticketed, wait_until
+from .conftest import handed_over, held, hold_at, slow_down, ticketed, wait_until
 from .schemas import PERSON_GRAMMAR, check_person
 
 GREEDY = dict(temperature=0.0)
@@ -713,13 +713,6 @@ def grant_client(worker, **ticket_fields):
     ticket = issue_ticket(model=MODEL, source_instance="", source_key=SECRET, destination_url=worker.url,
                           destination_instance="", destination_key=SECRET, **ticket_fields)
     return WorkerClient(worker.url, "", grant=ticket.grant, read_timeout=60)
-
-
-def held(request_id: str, **fields) -> PrepareMigration:
-    """A request to hold; attached, it always runs to its 10 tokens ("length": sampled, EOS ended ~1% early)."""
-    generate = GenerateRequest(request_id=request_id, prompt_token_ids=[5, 6, 7], max_tokens=10, temperature=0.0,
-                               ignore_eos=True)
-    return PrepareMigration(request_id=request_id, generate=generate, **fields)
 
 
 def test_a_grant_cannot_take_a_request_another_grant_holds(pair, start_worker):
