@@ -461,6 +461,7 @@ class BatchRun:
         self.started = threading.Event()  # it has taken the free slots it can use (the runner may claim another)
         self._woken = threading.Event()
         self.resume_at = 0.0  # time.monotonic() until which its key's rate limit holds its requests back
+        self.model_label = ""  # its model as the metrics label (_model_label), found once per run
 
     def wake(self) -> None:
         """Renew at once (a cancel made on this process: the renewal reads it)."""
@@ -477,6 +478,7 @@ class BatchRun:
         batch = self.lease.renew()
         if batch is None:
             return
+        self.model_label = self._model_label(batch.model)
         files = self.runner.files
         lines = self._input_lines(batch)
         if lines is None:
@@ -662,8 +664,7 @@ class BatchRun:
     def _write(self, batch: BatchObject, result: ResultLine, output: ResultFile, errors: ResultFile) -> None:
         succeeded = _succeeded(result)
         (output if succeeded else errors).append(result)
-        self.runner.gw.metrics.batch_requests.labels(self._model_label(batch.model),
-                                                     "completed" if succeeded else "failed").inc()
+        self.runner.gw.metrics.batch_requests.labels(self.model_label, "completed" if succeeded else "failed").inc()
 
     def _model_label(self, model: str | None) -> str:
         """The batch's model as its metrics label where this gateway serves it, else "": the name comes from the
