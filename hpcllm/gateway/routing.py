@@ -29,7 +29,7 @@ from hpcllm.errors import ConfigError
 from hpcllm.gateway.errors import ClientClosedRequest, ModelNotFound, ServiceUnavailable
 from hpcllm.gateway.known_routes import KnownInstance, KnownRoutes
 from hpcllm.httpkit.auth import secret_headers
-from hpcllm.httpkit.client import error_of, internal_client, json_object
+from hpcllm.httpkit.client import error_of, internal_client, json_object, retry_after_s
 
 log = logging.getLogger(__name__)
 
@@ -463,10 +463,8 @@ def _derived_or_none(source: Path) -> int | None:
 
 
 def _retry_after(resp: httpx.Response, default: float) -> float:
-    try:
-        return float(resp.headers.get("Retry-After", default))
-    except ValueError:
-        return default
+    seconds = retry_after_s(resp)
+    return default if seconds is None else seconds
 
 
 def make_router(config) -> Router:

@@ -42,7 +42,7 @@ from hpcllm.controller.protocol import (
 from hpcllm.credentials import TOKEN_HEADER, MigrationTicket, check_ticket
 from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.httpkit.auth import secret_headers
-from hpcllm.httpkit.client import check_url, error_of, internal_client
+from hpcllm.httpkit.client import check_url, error_of, internal_client, retry_after_s
 from hpcllm.httpkit.server import InternalServer
 from hpcllm.node.cache import CacheError
 from hpcllm.node.gpus import GpuInventory, detect_gpus
@@ -612,7 +612,8 @@ class NodeAgent:
             if resp.status_code != 202:
                 log.warning("no migration target for %s: HTTP %d %s", model, resp.status_code, resp.text[:300])
                 return None
-            retry = float(resp.headers.get("Retry-After") or 1.0)
+            retry = retry_after_s(resp)
+            retry = 1.0 if retry is None else retry
             if time.monotonic() + retry >= deadline:
                 log.warning("no migration target for %s within node.migrate_timeout_seconds (one is still %s)",
                             model, resp.json().get("status", "starting"))
