@@ -89,7 +89,7 @@ class BatchClient:
         away for (BUSY_STATUSES, unreachable) is said on stderr once until one gets through, and polled again (after
         its Retry-After, at most RETRY_AFTER_MAX_S); no answer for GONE_GIVE_UP_S (the gateway gone for good) is an
         error naming the batch."""
-        missed, gone_since, delay = None, None, POLL_S
+        told, gone_since, delay = False, None, POLL_S
         while found["status"] not in FINAL:
             time.sleep(delay)
             delay = POLL_S
@@ -105,16 +105,16 @@ class BatchClient:
                 reason = exc.what
                 gone_since = gone_since or time.monotonic()
             else:
-                missed = gone_since = None
+                told, gone_since = False, None
                 _report(found)
                 continue
             if gone_since is not None and time.monotonic() - gone_since >= GONE_GIVE_UP_S:
                 raise HpcllmError(f"gave up waiting for batch {found['id']}: no answer from the gateway for "
                                   f"{GONE_GIVE_UP_S / 60:g} min ({reason}); the batch may still run: hpcllm batch "
                                   f"status {found['id']} checks it")
-            if missed is None:
+            if not told:
                 click.echo(f"{reason}; the batch runs on, polling again every {POLL_S:g} s", err=True)
-            missed = reason
+                told = True
         return found
 
     def create_batch(self, file_id: str, request: dict) -> dict:

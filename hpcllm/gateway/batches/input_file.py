@@ -3,15 +3,13 @@ checked as OpenAI checks them when a batch is created (a bad file fails the batc
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from hpcllm.gateway.batches.protocol import LineError
 from hpcllm.httpkit.body import parse_json_body
-
-# A byte order mark some editors write before the first line (json.loads took it; the gateway's parser does not).
-UTF8_BOM = b"\xef\xbb\xbf"
 
 # Errors a failed batch lists at most: the file is read no further (a file of 2 million broken lines is neither told
 # nor held 2 million times).
@@ -50,7 +48,7 @@ def parse_input(lines: Iterable[bytes], endpoint: str, max_requests: int, *,
         if len(parsed.errors) >= MAX_LISTED_ERRORS:
             break
         if number == 1:
-            raw = raw.removeprefix(UTF8_BOM)
+            raw = raw.removeprefix(codecs.BOM_UTF8)  # some editors write one; the gateway's JSON parser refuses it
         if not raw.strip():
             continue
         if parsed.count >= max_requests:
