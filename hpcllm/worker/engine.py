@@ -1053,17 +1053,17 @@ class Engine(EngineBase):
 
     def _out_of_memory(self, requests: list[_Request], exc: BaseException) -> None:
         """The device ran out of memory in a step: alone, the request fails; in a batch, the lowest-priority newest
-        is preempted and the rest retried (of those still running: another thread may have ended some meanwhile,
-        e.g. an extend that ended a held request)."""
-        if len(requests) == 1:
-            log.warning("request %s ran out of memory: %s", requests[0].request_id, exc)
-            self._finish(requests[0], "error", error=ErrorInfo(message=f"out of memory: {exc}", type="server_error"))
-            return
+        still running is preempted (another thread may have ended some meanwhile: an extend that ended a held
+        request) and the rest retried, with less beside them."""
         with self._lock:
-            running = [r for r in requests if r in self._running]
-            if running:
-                last = max(running, key=self._running.index)  # _running: by priority, then admission
-                self._preempt(last, "out of memory")
+            running = [r for r in requests if r.state == "running"]
+            if len(requests) > 1:
+                if running:
+                    self._preempt(max(running, key=self._running.index), "out of memory")  # by priority, admission
+                return
+        if running:
+            log.warning("request %s ran out of memory: %s", running[0].request_id, exc)
+            self._finish(running[0], "error", error=ErrorInfo(message=f"out of memory: {exc}", type="server_error"))
 
     def _sample_and_commit(self, req: _Request, logits: torch.Tensor | None, argmax: int | None = None,
                            chosen: int | None = None) -> None:
