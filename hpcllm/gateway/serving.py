@@ -187,9 +187,9 @@ class Generation:
         self._choices: list[Choice] = []  # all opened at the start
         self._interleaved = False  # several choices read on this thread as they come (non-blocking reads)
         self._first_token_seen = False
-        # Seconds routing waited before a worker took the request (its tries at refusing workers included); None once
-        # observed: a resume or a re-route later is the same request, not another wait in the queue.
-        self._queued_seconds: float | None = 0.0
+        # Seconds routing waited before a worker took the request (its tries at refusing workers included), observed
+        # once when the first choice opens: a resume or a re-route later is the same request, not another queue wait.
+        self._queued_seconds = 0.0
         self._closed = False
         self._close_lock = threading.Lock()
         self._aborted: str | None = None  # why the gateway stopped this generation (shutdown), if it did
@@ -227,7 +227,6 @@ class Generation:
                 if index == 0:  # a worker took them: counted (as usage counts them), a 503 while the model starts not
                     self.gw.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
                     self.gw.metrics.request_queue_time.labels(self.model).observe(self._queued_seconds)
-                    self._queued_seconds = None
         except BaseException:
             self.close()
             raise
@@ -267,8 +266,7 @@ class Generation:
             endpoint = route_request(self.gw, self.ctx, self.card.base_model)
         finally:
             waiting.dec()
-        if self._queued_seconds is not None:
-            self._queued_seconds += endpoint.waited_seconds
+        self._queued_seconds += endpoint.waited_seconds
         cold = endpoint.cold_start
         if cold is not None and self.gw.shared.first_sighting(cold.instance_id):
             metrics.cold_starts.labels(self.model, cold.tier).inc()
@@ -494,10 +492,10 @@ class Generation:
                 choice.stream.cancel()
                 self.gw.metrics.request_success.labels(self.model, "abort").inc()
         served = any(choice.stream is not None for choice in self._choices)
-        if served:  # a worker took it: what it used counts
+        if served:  # a worker took it: what it used counts; its latency too, as vLLM observes every finished
+            # request (a failure before any token too)
             self.gw.usage.record(self.ctx.api_key, self.model, self.ctx.endpoint, self.prompt_tokens,
                                  self.completion_tokens)
-        if served:  # every request a worker took, as vLLM observes every finished one (a failure before any token too)
             self.gw.metrics.e2e_request_latency.labels(self.model).observe(time.monotonic() - self.ctx.arrived)
         if self._stream_slot is not None:
             try:
