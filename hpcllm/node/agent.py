@@ -58,9 +58,9 @@ from hpcllm.node.read_sweep import (
     saved_result_path,
 )
 from hpcllm.node.protocol import MAX_REQUEST_BYTES, MigratedOut, StartInstance
-from hpcllm.node.workers import MigrationOutcome, WorkerManager, ignore_drain_signal
+from hpcllm.node.workers import MigrationOutcome, WorkerManager
 from hpcllm.node.identity import check_node_local, expand_node_pattern, node_name, slurm_job_id
-from hpcllm.slurm.base import drain_signal
+from hpcllm.slurm.base import drain_signal, ignore_drain_signal
 from hpcllm.slurm.errors import SlurmError
 from hpcllm.store.tuning import ALLOWED_MODES, ReadTuning, SweepGate
 

@@ -262,7 +262,7 @@ def h2d_bandwidth(size: int, passes: int = 3, device: str | None = None, timeout
     workers need, and on GPUs in EXCLUSIVE_PROCESS compute mode (common on HPC clusters) it would stop every worker
     from opening that GPU at all. `device` is the CUDA_VISIBLE_DEVICES entry of the GPU to measure (the agent's
     first GPU); None keeps the inherited environment (its first visible GPU). `preexec_fn` runs in the child before
-    it starts (the agent's: workers.ignore_drain_signal). Raises RuntimeError when the child fails (a broken
+    it starts (the agent's: slurm.base.ignore_drain_signal). Raises RuntimeError when the child fails (a broken
     driver): the caller notes it and goes on without the figure.
     """
     env = dict(os.environ)

@@ -29,7 +29,6 @@ step, and a drain is the agent's business (it stops its workers with SIGTERM whe
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import shutil
@@ -55,7 +54,7 @@ from hpcllm.httpkit.client import error_of, internal_client, json_object
 from hpcllm.node.gpus import MIG_PREFIX, GpuInventory
 from hpcllm.node.protocol import AdapterFailure, LoraAdaptersApplied, StartInstance, first_instances_version
 from hpcllm.procs import descendants, exited_within, proc_stat
-from hpcllm.slurm.base import drain_signal, drain_signal_to_ignore
+from hpcllm.slurm.base import drain_signal, ignore_drain_signal
 from hpcllm.store.memory import HOST_POOL_ENV
 from hpcllm.store.tuning import TUNING_ENV, ReadTuning
 from hpcllm.worker.cli import AGENT_STDIN_ENV, SECRET_ENV
@@ -116,14 +115,6 @@ def mpi_launch(ranks: int, cpu: bool) -> list[str]:
     command = [MPIRUN, "-n", str(ranks), "--oversubscribe", "--bind-to", "none",
                "--mca", "plm", "isolated", "--mca", "ras", "^slurm"]
     return command + (["--mca", "mpi_yield_when_idle", "1"] if cpu else [])
-
-
-def ignore_drain_signal(config: Config) -> Callable[[], None] | None:
-    """A Popen preexec_fn by which a child of the agent (a worker, the host-to-device probe) ignores the drain
-    signal (SIG_IGN survives exec); None where there is none to ignore (drain_signal_to_ignore: SIGTERM). The child
-    only makes the one system call, the signal looked up here."""
-    signum = drain_signal_to_ignore(config)
-    return None if signum is None else functools.partial(signal.signal, signum, signal.SIG_IGN)
 
 
 def mpirun_stop_signal(config: Config) -> signal.Signals:

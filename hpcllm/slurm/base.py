@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import abc
 import enum
+import functools
 import re
 import signal as signal_module  # not `signal`: JobSpec and SlurmBackend have members of that name
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -461,19 +463,15 @@ def drain_signal(config: Config) -> signal_module.Signals:
     return catchable_signal(config.slurm.signal)
 
 
-def drain_signal_to_ignore(config: Config) -> signal_module.Signals | None:
-    """The drain signal where every process of the job but the node agent must ignore it (the agent's workers, its
-    host-to-device probe, a tensor-parallel instance's ranks): Slurm's `scancel --signal` reaches every process of
-    the step, and a drain is the agent's business. None where it is SIGTERM, by which the agent stops its children."""
+def ignore_drain_signal(config: Config) -> Callable[[], None] | None:
+    """What makes a process ignore the drain signal, as every process of the job but the node agent must (the agent's
+    workers, its host-to-device probe, a tensor-parallel instance's ranks): Slurm's `scancel --signal` reaches every
+    process of the step, and a drain is the agent's business. Call it in the process itself, or pass it as a Popen
+    preexec_fn (SIG_IGN survives exec; the child only makes the one system call, the signal looked up here). None
+    where the drain signal is SIGTERM, by which the agent stops its children."""
     signum = drain_signal(config)
-    return None if signum == signal_module.SIGTERM else signum
-
-
-def ignore_drain_signal_here(config: Config) -> None:
-    """This process ignores the drain signal, unless it is SIGTERM (drain_signal_to_ignore)."""
-    signum = drain_signal_to_ignore(config)
-    if signum is not None:
-        signal_module.signal(signum, signal_module.SIG_IGN)
+    return None if signum == signal_module.SIGTERM else functools.partial(signal_module.signal, signum,
+                                                                         signal_module.SIG_IGN)
 
 
 __all__ = [
@@ -486,8 +484,7 @@ __all__ = [
     "StartEstimate",
     "catchable_signal",
     "drain_signal",
-    "drain_signal_to_ignore",
-    "ignore_drain_signal_here",
+    "ignore_drain_signal",
     "make_job_spec",
     "parse_walltime",
     "signal_name",

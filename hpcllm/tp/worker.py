@@ -18,7 +18,7 @@ from typing import Callable
 
 from hpcllm.config import Config
 from hpcllm.errors import ConfigError
-from hpcllm.slurm.base import catchable_signal, ignore_drain_signal_here
+from hpcllm.slurm.base import catchable_signal, ignore_drain_signal
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,9 @@ def run_tensor_parallel_worker(config: Config, model_path: Path, model_name: str
     stop = catchable_signal(stop_signal, "--stop-signal")
     comm = comm_world()
     slice_copy = slice_copy_for(comm.Get_size(), comm.Get_rank()) if slice_copy_for else None
-    ignore_drain_signal_here(config)  # as the agent's single workers do: mpirun gives its ranks the default action
+    ignore = ignore_drain_signal(config)
+    if ignore is not None:  # as the agent's single workers do: mpirun gives its ranks the default action
+        ignore()
     if stop != signal.SIGTERM:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Every rank learns which ranks lack the folder (a node without the shared filesystem): one rank raising alone

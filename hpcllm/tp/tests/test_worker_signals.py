@@ -8,7 +8,7 @@ import pytest
 
 from hpcllm.config import Config
 from hpcllm.errors import ConfigError
-from hpcllm.slurm.base import ignore_drain_signal_here
+from hpcllm.slurm.base import ignore_drain_signal
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def test_every_rank_ignores_the_drain_signal_given_by_name_or_number(restore_usr
     default action, so Slurm's drain signal ended every rank instead of the agent draining the instance."""
     config = Config()
     config.slurm.signal = setting
-    ignore_drain_signal_here(config)
+    ignore_drain_signal(config)()
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
 
 
@@ -34,4 +34,4 @@ def test_a_drain_signal_no_rank_can_ignore_is_a_config_error(setting):
     config = Config()
     config.slurm.signal = setting
     with pytest.raises(ConfigError, match="no process can catch"):
-        ignore_drain_signal_here(config)
+        ignore_drain_signal(config)
