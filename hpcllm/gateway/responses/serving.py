@@ -43,6 +43,10 @@ def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> 
     if req.conversation is not None and not gw.responses.enabled:
         raise storage_disabled("conversation")
     req = resolved(gw, owner, req)
+    if req.previous_response_id is not None or req.conversation is not None:
+        # Errors in this request's own items, named by their place in its input (continued() puts earlier items
+        # before them), and before a turn holds its conversation: a refused request takes no hold.
+        req.to_chat()
     response_id = new_item_id("resp")
     turn = None if req.conversation is None else begin_turn(gw, owner, req.conversation_id, response_id)
     try:
@@ -187,7 +191,6 @@ def continued(gw: Gateway, owner: str, req: ResponsesRequest) -> tuple[Responses
     cannot see is OpenAI's 400 (previous response) or 404 (conversation)."""
     if req.previous_response_id is None and req.conversation is None:
         return req, 0, 0
-    req.to_chat()  # errors in this request's own items, named by their place in its input
     read_upto = 0
     if req.conversation is not None:
         read = gw.responses.read_conversation(owner, req.conversation_id)

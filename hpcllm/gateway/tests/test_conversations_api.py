@@ -457,3 +457,18 @@ def test_include_asking_for_data_no_item_carries_is_refused_not_ignored(gateway)
     assert_error(gateway.post(f"/v1/conversations/{conversation.id}/items?include=message.input_image.image_url",
                               json={"items": [_user("more")]}), 400, "unsupported_parameter", "include")
     assert len(client.conversations.items.list(conversation.id).data) == 1  # nothing added by the refused call
+
+
+def test_a_turn_refused_for_its_own_items_takes_no_hold_on_its_conversation(make_gateway, monkeypatch):
+    """A request whose own items are refused (a bad text.format here) is answered 4xx before its turn holds the
+    conversation: nothing is written for it, and no other turn could be refused conversation_locked meanwhile."""
+    gw = make_gateway()
+    client, store = gw.client(), gw.state.responses
+    conversation = client.conversations.create(items=[_user("x")])
+    begin_turn, held = store.begin_turn, []
+    monkeypatch.setattr(store, "begin_turn", lambda *args: (held.append(args), begin_turn(*args))[1])
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model=MODEL, conversation=conversation.id, input="hi",
+                                text={"format": {"type": "json_schema", "schema": {"type": "object"}}})
+    assert refused.value.body["param"] == "text.format.name", refused.value.body
+    assert held == []
