@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -38,6 +39,11 @@ WireT = TypeVar("WireT", bound=BaseModel)
 # Once the gateway drains, a wait for a route (a cold start, capacity) polls at least this often: the drain timeout's
 # 503 gateway_shutdown (Gateway.stop_generations) must reach it within the shutdown's grace (server.ABORT_GRACE_S).
 DRAINING_POLL_S = 1.0
+# Each open status page polls the gateway's /v1/status every 2 s: a ControllerRouter asks the controller for its
+# status at most once per this many seconds, whatever the number of pages (they get the same answer), so a storm of
+# tabs costs the controller nothing.
+STATUS_CACHE_S = 1.0
+STATUS_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -265,6 +271,9 @@ class ControllerRouter(Router):
         self._skip_controller_until = 0.0
         self._outage: str | None = None  # why the controller could not be asked, while it cannot
         self._poll_s = route_poll_s  # DRAINING_POLL_S at most once the gateway drains
+        # The controller's status (admin_status) as last asked for: (time.monotonic() then, its body or None).
+        self._status_lock = threading.Lock()
+        self._status: tuple[float, dict | None] | None = None
 
     def _get(self, path: str, **params) -> httpx.Response:
         if self._outage is not None and time.monotonic() < self._skip_controller_until:
@@ -339,6 +348,26 @@ class ControllerRouter(Router):
             raise ServiceUnavailable(f"hpcllm's controller sent an answer this gateway cannot read ({wire.__name__}: "
                                      f"are they the same hpcllm version?); ask the operator", code="controller_error",
                                      retry_after=5) from None
+
+    def admin_status(self, admin_key: str) -> dict | None:
+        """The controller's whole status (its GET /v1/admin/status, asked with the admin key), or None where it did
+        not give it, as this process last asked for it: at most once per STATUS_CACHE_S; calls arriving while it is
+        asked wait for its answer instead of asking too. Every caller gets the same dict: read it, never change it."""
+        with self._status_lock:
+            if self._status is None or time.monotonic() - self._status[0] >= STATUS_CACHE_S:
+                status = self._fetch_status(admin_key)
+                self._status = (time.monotonic(), status)
+            return self._status[1]
+
+    def _fetch_status(self, admin_key: str) -> dict | None:
+        try:
+            resp = self._http.get("/v1/admin/status", timeout=STATUS_TIMEOUT_S,
+                                  headers={"Authorization": f"Bearer {admin_key}"})
+            resp.raise_for_status()
+            return resp.json()
+        except (httpx.HTTPError, ValueError) as exc:  # where and why: the log's (users never see internal addresses)
+            log.warning("the controller at %s did not give its status: %s", self.controller_url, exc)
+            return None
 
     def start_draining(self) -> None:
         self._poll_s = min(self.route_poll_s, DRAINING_POLL_S)

@@ -5,35 +5,23 @@ without a key. Its script asks for a key and polls:
 - /v1/admin/status with the admin key (the admin proxy: the controller's whole status), or, when
 - `gateway.status_page_users` is true, GET /v1/status with any API key: the same status without the internal
   addresses (agent and worker URLs) and credential ids, and without other groups' own model pools (their nodes,
-  instances, failures and migrations), fetched by the gateway with the controller's admin key, at most once per
-  STATUS_CACHE_S per gateway process: every poll within that period gets the same answer.
+  instances, failures and migrations), fetched by the gateway's ControllerRouter with the controller's admin key, at
+  most once per routing.STATUS_CACHE_S per gateway process: every poll within that period gets the same answer.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import threading
-import time
-from collections.abc import Callable
 from importlib import resources
 
-import httpx
-from flask import Blueprint, Response, current_app, g
+from flask import Blueprint, Response, g
 
 from hpcllm.config import admin_key_of
 from hpcllm.gateway.errors import NotImplementedByDeployment, PermissionDenied, ServiceUnavailable
 from hpcllm.gateway.routing import ControllerRouter
-from hpcllm.gateway.runtime import Gateway, current_gateway
+from hpcllm.gateway.runtime import current_gateway
 
-log = logging.getLogger(__name__)
 bp = Blueprint("status", __name__)
 
-STATUS_TIMEOUT_S = 30.0
-# Each open status page polls /v1/status every 2 s: a gateway process asks the controller at most once per this many
-# seconds, whatever the number of pages (they get the same answer), so a storm of tabs costs the controller nothing.
-STATUS_CACHE_S = 1.0
-STATUS_CACHE_KEY = "hpcllm_status_cache"
 # What users never see of the cluster: where its internal services listen, which credential a node holds (a
 # failed migration's error names the node agent's address: "node agent http://...: ..."), where a model's checkpoint
 # lies and which Slurm account, partition and qos its allocations are charged to. A model's LoRA adapters are
@@ -42,28 +30,6 @@ INTERNAL_FIELDS = {"models": ("source", "slurm"), "nodes": ("agent_url", "creden
                    "migrations": ("error",)}
 # Sections whose rows belong to a node (hidden with another group's pool node).
 NODE_SECTIONS = ("instances", "cold_starts", "migrations", "failed_instances")
-
-
-class StatusCache:
-    """The controller's status (its JSON body, or None where it did not give it) as this process last fetched it,
-    for STATUS_CACHE_S. Polls arriving during a fetch wait for its answer instead of asking too (thread-safe)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._fetched_at: float | None = None
-        self._body: bytes | None = None
-
-    def body(self, fetch: Callable[[], bytes | None]) -> bytes | None:
-        with self._lock:
-            if self._fetched_at is None or time.monotonic() - self._fetched_at >= STATUS_CACHE_S:
-                self._body = fetch()
-                self._fetched_at = time.monotonic()
-            return self._body
-
-
-@bp.record_once
-def _install_cache(state) -> None:  # one per app, so one per gunicorn worker process
-    state.app.extensions[STATUS_CACHE_KEY] = StatusCache()
 
 
 def _page() -> bytes:
@@ -95,41 +61,32 @@ def user_status():
     if admin_key is None:
         raise ServiceUnavailable("the controller's admin key is not set (controller.admin_key): no status to show",
                                  code="status_unavailable")
-    body = current_app.extensions[STATUS_CACHE_KEY].body(lambda: _fetch_status(gw, router, admin_key))
-    if body is None:
+    status = router.admin_status(admin_key)
+    if status is None:
         raise ServiceUnavailable("hpcllm's controller did not give its status just now; retry shortly",
                                  code="controller_unreachable", retry_after=5)
-    status = json.loads(body)  # each poll's own copy: the views below change it
     return without_internal_addresses(without_other_groups_pools(status, g.api_key.group if g.api_key else None))
 
 
-def _fetch_status(gw: Gateway, router: ControllerRouter, admin_key: str) -> bytes | None:
-    try:
-        upstream = gw.http.get(f"{router.controller_url}/v1/admin/status", timeout=STATUS_TIMEOUT_S,
-                               headers={"Authorization": f"Bearer {admin_key}"})
-        upstream.raise_for_status()
-        upstream.json()  # JSON, checked once here
-        return upstream.content
-    except (httpx.HTTPError, ValueError) as exc:  # where and why: the log's (users never see internal addresses)
-        log.warning("the controller at %s did not give its status: %s", router.controller_url, exc)
-        return None
-
-
 def without_other_groups_pools(status: dict, group: str | None) -> dict:
-    """A user's view: a group's own pool (a node serving one group) is that group's business only."""
+    """A user's view: a group's own pool (a node serving one group) is that group's business only. A new dict:
+    `status` (the router's copy, every poll's) is left as it is."""
     hidden = {node["node_id"] for node in status.get("nodes", [])
               if node.get("serves_group") is not None and node["serves_group"] != group}
-    status["nodes"] = [node for node in status.get("nodes", []) if node["node_id"] not in hidden]
+    view = dict(status)
+    view["nodes"] = [node for node in status.get("nodes", []) if node["node_id"] not in hidden]
     for section in NODE_SECTIONS:
-        status[section] = [row for row in status.get(section, []) if row.get("node_id") not in hidden]
-    return status
+        view[section] = [row for row in status.get(section, []) if row.get("node_id") not in hidden]
+    return view
 
 
 def without_internal_addresses(status: dict) -> dict:
+    """The status without INTERNAL_FIELDS, in new rows: `status`'s are left as they are."""
+    view = dict(status)
     for section, fields in INTERNAL_FIELDS.items():
-        for row in status.get(section, []):
-            for field in fields:
-                row.pop(field, None)
-    for model in status.get("models", []):
-        model["lora_adapters"] = sorted(model.get("lora_adapters") or {})  # names -> folders: the names
-    return status
+        if section in view:
+            view[section] = [{k: v for k, v in row.items() if k not in fields} for row in view[section]]
+    if "models" in view:  # names -> folders: the names
+        view["models"] = [{**model, "lora_adapters": sorted(model.get("lora_adapters") or {})}
+                          for model in view["models"]]
+    return view

@@ -319,105 +319,123 @@ def test_a_key_whose_request_budget_is_used_up_still_reads_status_files_and_batc
     assert gw.get("/v1/files", key="sk-wrong").status_code == 401  # every /v1 path still needs a key
 
 
-def test_many_status_polls_within_a_second_reach_the_controller_once(make_gateway, tmp_path, monkeypatch):
+class CountedStatus:
+    """A real controller (llama-7b deployed, node gpu0001) behind a server that counts its /v1/admin/status calls
+    (`asked`), and the clock of the gateway's ControllerRouter (its status cache), standing still until
+    next_period(). on_status(environ, start_response), where set, runs at each such call first and answers instead
+    of the controller where it returns a body."""
+
+    def __init__(self, tmp_path, monkeypatch):
+        from types import SimpleNamespace
+
+        from hpcllm.gateway import routing
+
+        self.h = Harness(tmp_path, admin_key=ADMIN_KEY)
+        self.h.deploy("llama-7b")
+        self.h.register("gpu0001")
+        self.asked: list[str] = []
+        self.on_status = None
+        self._now = 1000.0
+        monkeypatch.setattr(routing, "time", SimpleNamespace(monotonic=lambda: self._now, sleep=time.sleep,
+                                                             time=time.time))
+        self._period = routing.STATUS_CACHE_S
+        controller_app = create_controller_app(self.h.controller)
+
+        def counting(environ, start_response):
+            if environ["PATH_INFO"] == "/v1/admin/status":
+                self.asked.append(environ["PATH_INFO"])
+                answer = self.on_status(environ, start_response) if self.on_status else None
+                if answer is not None:
+                    return answer
+            return controller_app(environ, start_response)
+
+        self.server = ThreadServer(counting)
+
+    def next_period(self) -> None:
+        self._now += self._period + 0.1
+
+    def close(self) -> None:
+        self.server.stop()
+        self.h.registry.close()
+
+
+@pytest.fixture
+def counted_status(tmp_path, monkeypatch):
+    counted = CountedStatus(tmp_path, monkeypatch)
+    yield counted
+    counted.close()
+
+
+def test_many_status_polls_within_a_second_reach_the_controller_once(make_gateway, counted_status, monkeypatch):
     """Every open status tab polls /v1/status every 2 s: a gateway process answers them from the controller's status
     it fetched within the last STATUS_CACHE_S, so N tabs (polling at once too) cost the controller one call per
     period, not N. Each group still gets its own view of it (chemistry's polls, filtering out physics' pool node, do
-    not hide it from the physics polls that share the copy)."""
+    not hide it from the physics polls that share the copy). An admin's poll is passed through, uncached."""
     import threading
-    from types import SimpleNamespace
 
     from hpcllm.controller.protocol import PoolTokenRequest
-    from hpcllm.gateway.status import router as status_router
 
-    h = Harness(tmp_path, admin_key=ADMIN_KEY)
-    h.deploy("llama-7b")
-    h.register("gpu0001")
+    h, asked = counted_status.h, counted_status.asked
     token = h.controller.issue_pool_token(PoolTokenRequest(model="llama-7b", group="physics")).token
     h.backend.run_job("77", "phys1")  # physics' own pool job
     h.controller.register(NodeRegistration(node_id="phys1", agent_url="http://phys1:9000", pool_model="llama-7b",
                                            slurm_job_id="77"), principal=h.controller.authenticate_token(token))
-    controller_app, asked = create_controller_app(h.controller), []
     all_polls_in = threading.Event()
+    # The answer comes once all 8 polls wait for it (or could ask themselves).
+    counted_status.on_status = lambda environ, start_response: all_polls_in.wait(timeout=60) and None
+    keys = [{"key": USER_KEY, "name": "alice", "group": "chemistry"},
+            {"key": "sk-physics-user", "name": "bob", "group": "physics"}]
+    gw = make_gateway(router=None, static_models={}, controller_url=counted_status.server.url,
+                      status_page_users=True, api_keys=keys)
+    polls_in = []
 
-    def counting(environ, start_response):
-        if environ["PATH_INFO"] == "/v1/admin/status":
-            asked.append(environ["PATH_INFO"])
-            all_polls_in.wait(timeout=60)  # the answer comes once all 8 polls wait for it (or could ask themselves)
-        return controller_app(environ, start_response)
+    def counting_polls(admin_key, admin_status=gw.state.router.admin_status):
+        polls_in.append(admin_key)
+        if len(polls_in) == 8:
+            all_polls_in.set()
+        return admin_status(admin_key)
 
-    now = [1000.0]
-    monkeypatch.setattr(status_router, "time", SimpleNamespace(monotonic=lambda: now[0]), raising=False)
-    server = ThreadServer(counting)
-    try:
-        keys = [{"key": USER_KEY, "name": "alice", "group": "chemistry"},
-                {"key": "sk-physics-user", "name": "bob", "group": "physics"}]
-        gw = make_gateway(router=None, static_models={}, controller_url=server.url, status_page_users=True,
-                          api_keys=keys)
-        cache, polls_in = gw.app.extensions[status_router.STATUS_CACHE_KEY], []
-
-        def counting_polls(fetch, body=cache.body):
-            polls_in.append(fetch)
-            if len(polls_in) == 8:
-                all_polls_in.set()
-            return body(fetch)
-
-        monkeypatch.setattr(cache, "body", counting_polls)
-        answers, groups_keys = [], [USER_KEY, "sk-physics-user"] * 4  # chemistry and physics alternately
-        polls = [threading.Thread(target=lambda key=key: answers.append((key, gw.get("/v1/status", key=key))))
-                 for key in groups_keys]
-        for poll in polls:
-            poll.start()
-        for poll in polls:
-            poll.join()
-        assert all_polls_in.is_set()  # all 8 were in flight together while the controller held its answer
-        answers += [(key, gw.get("/v1/status", key=key)) for key in groups_keys]
-        assert [a.status_code for _, a in answers] == [200] * 16
-        seen = {USER_KEY: ["gpu0001"], "sk-physics-user": ["gpu0001", "phys1"]}  # each group its own view
-        assert [sorted(n["node_id"] for n in a.json()["nodes"]) for _, a in answers] == [seen[k] for k, _ in answers]
-        assert len(asked) == 1
-        now[0] += status_router.STATUS_CACHE_S + 0.1  # the period is over: the next poll asks again
-        assert gw.get("/v1/status").status_code == 200
-        assert len(asked) == 2
-    finally:
-        server.stop()
-        h.registry.close()
+    monkeypatch.setattr(gw.state.router, "admin_status", counting_polls)
+    answers, groups_keys = [], [USER_KEY, "sk-physics-user"] * 4  # chemistry and physics alternately
+    polls = [threading.Thread(target=lambda key=key: answers.append((key, gw.get("/v1/status", key=key))))
+             for key in groups_keys]
+    for poll in polls:
+        poll.start()
+    for poll in polls:
+        poll.join()
+    assert all_polls_in.is_set()  # all 8 were in flight together while the controller held its answer
+    answers += [(key, gw.get("/v1/status", key=key)) for key in groups_keys]
+    assert [a.status_code for _, a in answers] == [200] * 16
+    seen = {USER_KEY: ["gpu0001"], "sk-physics-user": ["gpu0001", "phys1"]}  # each group its own view
+    assert [sorted(n["node_id"] for n in a.json()["nodes"]) for _, a in answers] == [seen[k] for k, _ in answers]
+    assert len(asked) == 1
+    for _ in range(2):  # the admin's polls within the period: each reaches the controller
+        assert gw.get("/v1/admin/status", key=ADMIN_KEY).status_code == 200
+    assert len(asked) == 3
+    counted_status.next_period()  # the period is over: the next poll asks again
+    assert gw.get("/v1/status").status_code == 200
+    assert len(asked) == 4
 
 
-def test_a_failed_status_fetch_is_kept_for_the_period_only(make_gateway, tmp_path, monkeypatch):
+def test_a_failed_status_fetch_is_kept_for_the_period_only(make_gateway, counted_status):
     """A controller that did not give its status is not asked again by every poll of the period (a storm of tabs on
     a struggling controller), but only for STATUS_CACHE_S: the next period's poll shows the status again."""
-    from types import SimpleNamespace
-
-    from hpcllm.gateway.status import router as status_router
-
-    h = Harness(tmp_path, admin_key=ADMIN_KEY)
-    h.deploy("llama-7b")
-    h.register("gpu0001")
-    controller_app, asked = create_controller_app(h.controller), []
+    asked = counted_status.asked
 
     def failing_once(environ, start_response):
-        if environ["PATH_INFO"] == "/v1/admin/status":
-            asked.append(environ["PATH_INFO"])
-            if len(asked) == 1:  # the first call fails, as a controller restarting or overloaded
-                start_response("500 INTERNAL SERVER ERROR", [("Content-Type", "text/plain")])
-                return [b"internal error"]
-        return controller_app(environ, start_response)
+        if len(asked) == 1:  # the first call fails, as a controller restarting or overloaded
+            start_response("500 INTERNAL SERVER ERROR", [("Content-Type", "text/plain")])
+            return [b"internal error"]
+        return None
 
-    now = [1000.0]
-    monkeypatch.setattr(status_router, "time", SimpleNamespace(monotonic=lambda: now[0]), raising=False)
-    server = ThreadServer(failing_once)
-    try:
-        gw = make_gateway(router=None, static_models={}, controller_url=server.url, status_page_users=True)
-        for _ in range(2):  # within the period: the failure is remembered, the controller not asked again
-            resp = gw.get("/v1/status")
-            assert resp.status_code == 503 and resp.json()["error"]["code"] == "controller_unreachable", resp.text
-        assert len(asked) == 1
-        now[0] += status_router.STATUS_CACHE_S + 0.1  # the period is over: the next poll asks again, and gets it
+    counted_status.on_status = failing_once
+    gw = make_gateway(router=None, static_models={}, controller_url=counted_status.server.url, status_page_users=True)
+    for _ in range(2):  # within the period: the failure is remembered, the controller not asked again
         resp = gw.get("/v1/status")
-        assert resp.status_code == 200, resp.text
-        assert [n["node_id"] for n in resp.json()["nodes"]] == ["gpu0001"]
-        assert len(asked) == 2
-    finally:
-        server.stop()
-        h.registry.close()
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "controller_unreachable", resp.text
+    assert len(asked) == 1
+    counted_status.next_period()  # the period is over: the next poll asks again, and gets it
+    resp = gw.get("/v1/status")
+    assert resp.status_code == 200, resp.text
+    assert [n["node_id"] for n in resp.json()["nodes"]] == ["gpu0001"]
+    assert len(asked) == 2
