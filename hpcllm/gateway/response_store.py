@@ -30,7 +30,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from hpcllm.config import ApiKey, Config
 from hpcllm.controller.registry.databases import Database
@@ -432,8 +432,13 @@ class ResponseStore:
         with self.shared.connection() as db:
             if self._visible(db, owner, conversation_id, CONVERSATION) is None:
                 return None
-            rows = db.conn.execute("SELECT seq, item FROM gateway_items WHERE holder = ? ORDER BY seq",
-                                   (conversation_id,)).fetchall()
+            return self._items(db, conversation_id)
+
+    @staticmethod
+    def _items(db: Database, conversation_id: str) -> tuple[list[dict[str, Any]], int]:
+        """read_conversation's items and largest `seq`, of a conversation known to be there."""
+        rows = db.conn.execute("SELECT seq, item FROM gateway_items WHERE holder = ? ORDER BY seq",
+                               (conversation_id,)).fetchall()
         return [json.loads(row["item"]) for row in rows], rows[-1]["seq"] if rows else 0
 
     def conversation_item(self, owner: str, conversation_id: str, item_id: str) -> dict[str, Any] | None:
@@ -479,15 +484,18 @@ class ResponseStore:
             self._prune(db, now)
         return True
 
-    def begin_turn(self, owner: str, conversation_id: str, turn_id: str) -> bool | None:
-        """A response turn's hold on its conversation while it is generated (one at a time, as OpenAI's): None when
-        the owner has no such conversation, False when another turn holds it. A stream-slot lease
-        (SharedState.hold_slot, under the conversation's row lock): freed by end_turn, or when the process holding
-        it dies or its lease runs out."""
+    def begin_turn(self, owner: str, conversation_id: str,
+                   turn_id: str) -> tuple[list[dict[str, Any]], int] | Literal[False] | None:
+        """A response turn's hold on its conversation while it is generated (one at a time, as OpenAI's), and the
+        conversation's items the turn reads (read_conversation's, read under the hold): None when the owner has no
+        such conversation, False when another turn holds it. A stream-slot lease (SharedState.hold_slot, under the
+        conversation's row lock): freed by end_turn, or when the process holding it dies or its lease runs out."""
         with self.shared.transaction() as db:
             if self._row(db, conversation_id, owner) is None:
                 return None
-            return self.shared.hold_slot(db, f"conversation:{conversation_id}", turn_id, 1)
+            if not self.shared.hold_slot(db, f"conversation:{conversation_id}", turn_id, 1):
+                return False
+            return self._items(db, conversation_id)
 
     def end_turn(self, turn_id: str) -> None:
         """Free begin_turn's hold (again: a no-op)."""

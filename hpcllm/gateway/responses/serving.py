@@ -64,8 +64,11 @@ def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> 
 @dataclass
 class Turn:
     """A response turn's hold on its conversation (begin_turn), freed once (end_turn): by its keeper, before the
-    answer's last event, else when it fails or its stream closes."""
+    answer's last event, else when it fails or its stream closes; and the conversation's items it read under the
+    hold, with the largest `seq` among them (NewResponse.read_upto)."""
     id: str
+    earlier: list[dict[str, Any]]
+    read_upto: int
     held: bool = True
 
 
@@ -73,14 +76,15 @@ def begin_turn(gw: Gateway, owner: str, conversation_id: str, response_id: str) 
     """The conversation held for this turn (for end_turn): OpenAI's 400 conversation_locked while another
     turn is generated in it (it would not read this one's items, nor this one its), 404 for a conversation the key
     cannot see."""
-    turn = Turn(f"{response_id}/turn")  # beside the response's own stream slot (its id)
-    held = gw.responses.begin_turn(owner, conversation_id, turn.id)
-    if held is None:
+    turn_id = f"{response_id}/turn"  # beside the response's own stream slot (its id)
+    read = gw.responses.begin_turn(owner, conversation_id, turn_id)
+    if read is None:
         raise NotFound(f"Conversation with id '{conversation_id[:100]}' not found.", param="conversation")
-    if not held:
+    if read is False:
         raise InvalidRequest("Another process is currently operating on this conversation. Please retry in a few "
                              "seconds.", param="conversation", code="conversation_locked")
-    return turn
+    earlier, read_upto = read
+    return Turn(turn_id, earlier, read_upto)
 
 
 def end_turn(gw: Gateway, turn: Turn | None) -> None:
@@ -98,7 +102,7 @@ def end_turn(gw: Gateway, turn: Turn | None) -> None:
 def generated(gw: Gateway, ctx: RequestContext, req: ResponsesRequest, owner: str, response_id: str,
               turn: Turn | None) -> Response | dict:
     """The answer (streamed: a Response) of a request resolved, its conversation held (turn)."""
-    asked, carried, read_upto = continued(gw, owner, req)
+    asked, carried, read_upto = continued(gw, owner, req, turn)
     check_unique_ids((item.id for item in asked.input[:carried]), asked.input[carried:], "input")
     keep = None
     if req.store or req.conversation is not None:
@@ -184,19 +188,17 @@ def referenced(gw: Gateway, owner: str, items: list[InputItem], field: str) -> l
     return found
 
 
-def continued(gw: Gateway, owner: str, req: ResponsesRequest) -> tuple[ResponsesRequest, int, int]:
+def continued(gw: Gateway, owner: str, req: ResponsesRequest,
+              turn: Turn | None) -> tuple[ResponsesRequest, int, int]:
     """The request with its previous response's conversation (OpenAI's previous_response_id; the previous
-    instructions are not carried over), or its conversation's items, before its input; how many items came
-    from there; and the largest `seq` of the conversation's items read (NewResponse.read_upto). An id this key
-    cannot see is OpenAI's 400 (previous response) or 404 (conversation)."""
+    instructions are not carried over), or its conversation's items (as its turn read them), before its input; how
+    many items came from there; and the largest `seq` of the conversation's items read (NewResponse.read_upto). A
+    previous response this key cannot see is OpenAI's 400."""
     if req.previous_response_id is None and req.conversation is None:
         return req, 0, 0
     read_upto = 0
-    if req.conversation is not None:
-        read = gw.responses.read_conversation(owner, req.conversation_id)
-        if read is None:
-            raise NotFound(f"Conversation with id '{req.conversation_id[:100]}' not found.", param="conversation")
-        earlier, read_upto = read
+    if turn is not None:  # a turn in req.conversation
+        earlier, read_upto = turn.earlier, turn.read_upto
     else:
         previous = gw.responses.get(owner, req.previous_response_id)
         if previous is None:
