@@ -30,7 +30,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from hpcllm.config import ApiKey, Config
 from hpcllm.controller.registry.databases import Database
@@ -109,6 +109,14 @@ class NewResponse:
 
 # Item ids one `IN (...)` reads (an input may name 100,000 item_references; PostgreSQL takes 65,535 parameters).
 ITEMS_PER_QUERY = 1000
+
+
+class Kept(NamedTuple):
+    """What ResponseStore.put kept: the response (`stored`), and its items appended to its conversation (`appended`;
+    False for a response in none)."""
+
+    stored: bool
+    appended: bool
 
 
 class TooLarge(Exception):
@@ -222,13 +230,12 @@ class ResponseStore:
             if self.max_bytes_per_key:
                 self._within_quota(db, owner, max(1, added * (int(new.store) + int(new.conversation is not None))))
 
-    def put(self, owner: str, new: NewResponse) -> bool:
-        """Keep a response (False: larger than the whole byte bound, or the owner over its quota: not kept), appending
-        its items to its conversation (TooLarge: the conversation would not fit in the whole bound; DuplicateItem:
-        the conversation holds an item of one of its input's ids among those the turn read; nothing is kept).
-        A conversation deleted or expired meanwhile, or appended to by another request since the turn read it (an
-        item after `read_upto`: the answer did not read it, and appended after it the conversation would say it
-        did): the response is kept on its own (`store`), its `conversation` set to None, nothing appended. Items
+    def put(self, owner: str, new: NewResponse) -> Kept:
+        """Keep a response (not `stored`: larger than the whole byte bound, or the owner over its quota), appending
+        its items to its conversation (TooLarge: the conversation would not fit in the whole bound; nothing is
+        kept). A conversation deleted or expired meanwhile, or appended to by another request since the turn read
+        it (an item after `read_upto`: the answer did not read it, and appended after it the conversation would say
+        it did): nothing is `appended`, the response is kept on its own (`store`), its `conversation` None. Items
         deleted meanwhile are no reason: the turn appended after fewer items is a conversation one could have
         made. Expired rows, and the oldest beyond the bound, are deleted in the same transaction."""
         output = new.response["output"]
@@ -238,10 +245,11 @@ class ResponseStore:
             conversation = None if new.conversation is None else self._row(db, new.conversation, owner)
             if conversation is not None and self._appended_since(db, new.conversation, new.read_upto):
                 conversation = None
+            kept_body = {**new.response, "output": []}
             if new.conversation is not None and conversation is None:  # deleted, expired or appended to while it
-                # generated: the answer, and the response kept, are in no conversation
-                new.response["conversation"] = None
-            body = json.dumps({**new.response, "output": []})
+                # generated: the response kept is in no conversation (the caller's answer says so too)
+                kept_body["conversation"] = None
+            body = json.dumps(kept_body)
             previous = new.previous if new.previous is not None and self._row(db, new.previous) is not None else None
             own = new.input if new.previous is not None and previous is None else new.own_input  # previous gone
             rows = [*self._item_rows(owner, own, False), *self._item_rows(owner, output, True)]
@@ -263,7 +271,7 @@ class ResponseStore:
             if conversation is not None:
                 self._append(db, new.conversation, conversation["size"], rows, now)
             self._prune(db, now)
-        return kept
+        return Kept(stored=kept, appended=conversation is not None)
 
     @staticmethod
     def _appended_since(db: Database, conversation: str, read_upto: int) -> bool:

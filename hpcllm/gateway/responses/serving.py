@@ -224,9 +224,8 @@ def keeper(gw: Gateway, owner: str, new: NewResponse, turn: Turn | None = None) 
             end_turn(gw, turn)
 
     def store_it(body: dict[str, Any]) -> None:
-        appended = True
         try:
-            kept = gw.responses.put(owner, replace(new, response=body))
+            kept, appended = gw.responses.put(owner, replace(new, response=body))
         except ServiceUnavailable:  # PostgreSQL away: logged where it failed
             kept = appended = False
         except sqlite3.Error as exc:  # the file's disk full, its lock held past the busy timeout
@@ -239,15 +238,16 @@ def keeper(gw: Gateway, owner: str, new: NewResponse, turn: Turn | None = None) 
             log.warning("response %s was not stored nor added to its conversation (%s)", body["id"], why)
             body["store"], body["conversation"] = False, None
             return
+        else:
+            if new.conversation is not None and not appended:  # put found it gone, or appended to
+                log.warning("response %s was not added to its conversation (another request deleted it, or "
+                            "appended to it, while it was generated)", body["id"])
         if not kept and new.store:
             log.warning("response %s was not stored (database unreachable, over gateway.responses_max_bytes or "
                         "the key's responses_max_bytes_per_key)", body["id"])
             body["store"] = False
         if not appended and new.conversation is not None:
             body["conversation"] = None
-        elif new.conversation is not None and body["conversation"] is None:  # put found it gone or appended to
-            log.warning("response %s was not added to its conversation (another request deleted it, or appended to "
-                        "it, while it was generated)", body["id"])
     return keep
 
 

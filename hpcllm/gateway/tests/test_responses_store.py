@@ -11,7 +11,7 @@ import json
 import openai
 import pytest
 
-from hpcllm.gateway.response_store import (OLD_LAYOUT, NewResponse, ResponseStore, StoredResponse, TooLarge,
+from hpcllm.gateway.response_store import (OLD_LAYOUT, Kept, NewResponse, ResponseStore, StoredResponse, TooLarge,
                                            _has_table, owner_of)
 from hpcllm.gateway.shared_state import SharedState
 
@@ -239,7 +239,7 @@ def store_at(limits_url):
 def test_responses_expire_after_the_ttl_and_are_deleted_by_a_later_store(store_at):
     make, now = store_at
     store = make(ttl_s=3600, max_bytes=10 ** 6)
-    assert store.put("alice", _response(1))
+    assert store.put("alice", _response(1)).stored
     now[0] += 3599
     assert store.get("alice", "resp_1") == _stored(_response(1)) and store.get("bob", "resp_1") is None
     now[0] += 2
@@ -255,9 +255,9 @@ def test_beyond_the_byte_bound_the_oldest_responses_go_first(store_at):
     store = make(ttl_s=3600, max_bytes=3 * one)
     for number in range(1, 6):
         now[0] += 1
-        assert store.put("alice", _response(number))
+        assert store.put("alice", _response(number)).stored
     assert _rows(store.shared) == ["resp_3", "resp_4", "resp_5"]
-    assert not store.put("alice", _response(6, text="x" * 3 * one))  # larger than the whole bound: not kept
+    assert not store.put("alice", _response(6, text="x" * 3 * one)).stored  # larger than the whole bound: not kept
     assert _rows(store.shared) == ["resp_3", "resp_4", "resp_5"]
 
 
@@ -305,7 +305,7 @@ def test_a_50_turn_chain_stores_each_item_once(store_at):
         before = _stored_bytes(store.shared)[1]
         now[0] += 1
         turn = _turn(store, number, previous)
-        assert store.put("alice", turn)
+        assert store.put("alice", turn).stored
         growth.add(_stored_bytes(store.shared)[1] - before)
         previous = turn.response["id"]
     assert _stored_bytes(store.shared)[0] == 100 and len(growth) == 1
@@ -599,7 +599,7 @@ def test_a_turn_is_appended_to_its_conversation_though_its_response_is_too_large
         turn = NewResponse(input=[*read, _message(f"msg_2_{store_it}")], conversation="conv_1", carried=len(read),
                            read_upto=read_upto, store=store_it,
                            response={"id": "resp_1", "tools": "t" * 1000, "output": []})
-        assert store.put("alice", turn) is False
+        assert store.put("alice", turn) == Kept(stored=False, appended=True)
     assert [item["id"] for item in store.conversation_items("alice", "conv_1")] == [
         "msg_1", "msg_2_False", "msg_2_True"]
     assert store.get("alice", "resp_1") is None
@@ -623,15 +623,14 @@ def test_a_turn_is_not_appended_after_items_another_request_appended_while_it_ge
     changed = turn(1)
     store.add_items("alice", "conv_1", [_message("msg_3")])
     store.delete_item("alice", "conv_1", "msg_1")
-    assert store.put("alice", changed) is True
-    assert changed.response["conversation"] is None
+    assert store.put("alice", changed) == Kept(stored=True, appended=False)
     assert store.get("alice", "resp_1").response["conversation"] is None  # kept on its own
     assert [item["id"] for item in store.conversation_items("alice", "conv_1")] == ["msg_2", "msg_3"]
 
     deleted_only = turn(2)
     store.delete_item("alice", "conv_1", "msg_3")
-    assert store.put("alice", deleted_only) is True
-    assert deleted_only.response["conversation"] == {"id": "conv_1"}
+    assert store.put("alice", deleted_only) == Kept(stored=True, appended=True)
+    assert store.get("alice", "resp_2").response["conversation"] == {"id": "conv_1"}
     assert [item["id"] for item in store.conversation_items("alice", "conv_1")] == [
         "msg_2", "msg_in_2", "msg_out_2"]
 
