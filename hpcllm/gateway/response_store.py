@@ -237,7 +237,10 @@ class ResponseStore:
         it (an item after `read_upto`: the answer did not read it, and appended after it the conversation would say
         it did): nothing is `appended`, the response is kept on its own (`store`), its `conversation` None. Items
         deleted meanwhile are no reason: the turn appended after fewer items is a conversation one could have
-        made. Expired rows, and the oldest beyond the bound, are deleted in the same transaction."""
+        made. Expired rows, and the oldest beyond the bound, are deleted in the same transaction.
+        _append's DuplicateItem cannot come from a turn: appended, the conversation holds only items the turn read
+        (none after read_upto), its own input was checked against those (check_unique_ids, a 400 before it
+        generated) and its output's ids are new."""
         output = new.response["output"]
         now = self.clock()
         with self.shared.transaction() as db:

@@ -23,7 +23,7 @@ from hpcllm.gateway.chat.protocol import ChatChoice, ChatStreamChoice, DeltaTool
 from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice, chat_usage, start_chat
 from hpcllm.gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from hpcllm.gateway.protocol import UsageInfo, parse_query
-from hpcllm.gateway.response_store import DuplicateItem, NewResponse, OverQuota, StoredResponse, TooLarge, owner_of
+from hpcllm.gateway.response_store import NewResponse, OverQuota, StoredResponse, TooLarge, owner_of
 from hpcllm.gateway.responses.protocol import (REFERENCE, FunctionCallItem, IncompleteDetails, InputItem,
                                                InputItemsQuery, OutputMessage, OutputText, ReasoningItem,
                                                ReasoningText, ResponseObject, ResponsesRequest, ResponseUsage,
@@ -231,11 +231,9 @@ def keeper(gw: Gateway, owner: str, new: NewResponse, turn: Turn | None = None) 
         except sqlite3.Error as exc:  # the file's disk full, its lock held past the busy timeout
             log.warning("the gateway's limits database: %s", exc)
             kept = appended = False
-        except (TooLarge, DuplicateItem) as exc:  # the answer is out already: the transaction rolled back, neither
-            # it nor the turn is kept
-            why = ("the conversation would be larger than gateway.responses_max_bytes" if isinstance(exc, TooLarge)
-                   else "the conversation has an item of its input's id")
-            log.warning("response %s was not stored nor added to its conversation (%s)", body["id"], why)
+        except TooLarge:  # the answer is out already: the transaction rolled back, neither it nor the turn is kept
+            log.warning("response %s was not stored nor added to its conversation (the conversation would be larger "
+                        "than gateway.responses_max_bytes)", body["id"])
             body["store"], body["conversation"] = False, None
             return
         else:
