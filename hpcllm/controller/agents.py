@@ -22,7 +22,7 @@ from hpcllm.controller.errors import AgentError
 from hpcllm.controller.protocol import InstanceInfo, LoraAdaptersApplied, MigratedOut
 from hpcllm.credentials import MigrationTicket
 from hpcllm.httpkit.auth import secret_headers
-from hpcllm.httpkit.client import error_of, internal_client, json_object, request_json
+from hpcllm.httpkit.client import Refused, error_of, internal_client, json_object, request_json
 from hpcllm.worker.client import ADAPTER_CALL_TIMEOUT
 
 
@@ -90,15 +90,15 @@ class AgentClient:
 
     def call(self, agent_url: str, method: str, path: str, *,
              unreachable: Callable[[httpx.HTTPError], Exception] | None = None,
-             refused: Callable[[int, dict, str], Exception] | None = None, **kwargs) -> Any:
+             refused: Refused | None = None, **kwargs) -> Any:
         """One JSON call to an agent's API, its answer's JSON. Failures are AgentErrors unless the caller words
         them (hpcllm.httpkit.client.request_json's unreachable / refused)."""
         url = f"{agent_url.rstrip('/')}{path}"
         return request_json(
             self._http, method, url,
             unreachable=unreachable or (lambda exc: AgentError(f"node agent {url}: {type(exc).__name__}: {exc}")),
-            refused=refused or (lambda status, error, message: AgentError(f"node agent {url}: HTTP {status} "
-                                                                          f"{message}")),
+            refused=refused or (lambda status, error, message, retry_after=None: AgentError(
+                f"node agent {url}: HTTP {status} {message}")),
             unexpected=lambda what: AgentError(f"node agent {url} did not answer like an hpcllm node agent ({what})"),
             **self._with_key(url, kwargs))
 

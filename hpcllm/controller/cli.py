@@ -87,7 +87,7 @@ class AdminClient:
             raise self._not_a_controller(problem)
         return body
 
-    def _refused(self, status: int, error: dict, message: str) -> ControllerError:
+    def _refused(self, status: int, error: dict, message: str, retry_after: float | None = None) -> ControllerError:
         if not error:  # the controller's errors are JSON {"error": {...}}: a bare page comes from something else
             return self._not_a_controller(f"HTTP {status}: {message[:60]!r}")
         return ControllerError(f"the controller refused ({status} {error.get('code', '')}): {message}")

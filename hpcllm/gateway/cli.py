@@ -124,8 +124,7 @@ def gateway_json(http, url: str, method: str, path: str, **kwargs):
     return request_json(
         http, method, path, **kwargs,
         unreachable=lambda exc: GatewayUnreachable(url, exc),
-        refused=lambda status, error, message, retry_after: GatewayRefused(status, message, retry_after),
-        with_retry_after=True,
+        refused=lambda status, error, message, retry_after=None: GatewayRefused(status, message, retry_after),
         unexpected=lambda what: HpcllmError(f"{url} did not answer like an hpcllm gateway ({what})"))
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ssl
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -99,16 +99,22 @@ def retry_after_s(resp: httpx.Response) -> float | None:
     return seconds if seconds >= 0 else None
 
 
+class Refused(Protocol):
+    """request_json's `refused`: the error to raise on a 4xx/5xx answer, from its status, its OpenAI-shaped
+    {"message", "code", ...} error object (empty when absent), its message and its Retry-After (retry_after_s)."""
+
+    def __call__(self, status: int, error: dict, message: str, retry_after: float | None = None) -> Exception: ...
+
+
 def request_json(http: httpx.Client, method: str, path: str, *,
                  unreachable: Callable[[httpx.HTTPError], Exception],
-                 refused: Callable[..., Exception],
-                 unexpected: Callable[[str], Exception], with_retry_after: bool = False, **kwargs) -> Any:
+                 refused: Refused,
+                 unexpected: Callable[[str], Exception], **kwargs) -> Any:
     """Send one request and return its JSON body ({} when it has none).
 
     unreachable(exc)                     -> the error to raise when the service cannot be reached
-    refused(status, error_obj, message)  -> the error to raise on a 4xx/5xx answer; error_obj is the
-                                            OpenAI-shaped {"message", "code", ...} (empty when absent);
-                                            with_retry_after: given retry_after= too (retry_after_s)
+    refused(status, error_obj, message, retry_after)
+                                         -> the error to raise on a 4xx/5xx answer (Refused)
     unexpected(what)                     -> the error to raise on a body that is not JSON: the URL leads to
                                             something else (a web server, a proxy's page), which must not pass
                                             for an empty answer
@@ -118,8 +124,7 @@ def request_json(http: httpx.Client, method: str, path: str, *,
     except httpx.HTTPError as exc:
         raise unreachable(exc) from None
     if resp.status_code >= 400:
-        later = {"retry_after": retry_after_s(resp)} if with_retry_after else {}
-        raise refused(resp.status_code, *error_of(resp), **later)
+        raise refused(resp.status_code, *error_of(resp), retry_after=retry_after_s(resp))
     if not resp.content:
         return {}
     try:

@@ -90,7 +90,7 @@ class NodeCache:
                              f"({problem})")
         return body
 
-    def _refused(self, status: int, error: dict, message: str) -> Exception:
+    def _refused(self, status: int, error: dict, message: str, retry_after: float | None = None) -> Exception:
         kind = {"NotEnoughSpace": NotEnoughSpace, "UnknownModel": UnknownModel}.get(str(error.get("code") or ""),
                                                                                    CacheError)
         return kind(f"node {self.agent.node}: {message}")
