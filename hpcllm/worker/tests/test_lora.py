@@ -348,8 +348,6 @@ def x_engine(shared_x_engine, adapters):
     """(the shared engine serving adapter x alone from its folder, idle, StepLog(engine, pause_after) for it): what
     a test loaded, unloaded or hooked is undone before the next one (its held step let go, its requests ended)."""
     engine, x_folder = shared_x_engine, adapters[0]["x"]
-    hooks = [(engine.runner, "launch"), (engine.runner, "collect"), (engine, "_forward")]  # what StepLog replaces
-    before = {(id(owner), name): vars(owner).get(name) for owner, name in hooks}
     logs = []
 
     def step_log(pause_after: int) -> StepLog:
@@ -363,18 +361,13 @@ def x_engine(shared_x_engine, adapters):
                 engine.unload_lora(name)
         engine.load_lora("x", x_folder)
         assert engine.lora_adapters == {"x": x_folder}
-        for owner, name in hooks:
-            if before[id(owner), name] is None:
-                vars(owner).pop(name, None)
-            else:
-                setattr(owner, name, before[id(owner), name])
 
     x_alone()
     try:
         yield engine, step_log
     finally:
-        for log in logs:
-            log.go.set()  # a test that failed while its step was held must not leave the engine stopped
+        for log in reversed(logs):  # a test that failed while its step was held must not leave the engine stopped
+            log.restore()
         assert wait_until(lambda: engine.counts() == (0, 0), timeout=120), engine.counts()
         x_alone()
 

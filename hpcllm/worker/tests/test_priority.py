@@ -44,13 +44,29 @@ class StepLog:
     def __init__(self, engine: Engine, pause_after: int | None = None):
         self.engine, self.steps, self.pause_after = engine, [], pause_after
         self.paused, self.go = threading.Event(), threading.Event()
+        self._replaced: list[tuple[object, str, object]] = []  # (owner, name, its own attribute then, or None)
         if engine.model_process_pid is not None:  # steps are sent ahead (launch) and collected
             launch, collect = engine.runner.launch, engine.runner.collect
-            engine.runner.launch = lambda batch: (self._note(batch), launch(batch))[1]
-            engine.runner.collect = lambda: (self._maybe_pause(), collect())[1]
+            self._hook(engine.runner, "launch", lambda batch: (self._note(batch), launch(batch))[1])
+            self._hook(engine.runner, "collect", lambda: (self._maybe_pause(), collect())[1])
         else:
             forward = engine._forward
-            engine._forward = lambda batch: (self._note(batch), self._maybe_pause(), forward(batch))[2]
+            self._hook(engine, "_forward", lambda batch: (self._note(batch), self._maybe_pause(), forward(batch))[2])
+
+    def _hook(self, owner: object, name: str, replacement) -> None:
+        self._replaced.append((owner, name, vars(owner).get(name)))
+        setattr(owner, name, replacement)
+
+    def restore(self) -> None:
+        """Let a held step go, and put back what this log replaced (an engine shared by tests, as it was; logs
+        stacked on one engine are restored newest first)."""
+        self.go.set()
+        for owner, name, own in reversed(self._replaced):
+            if own is None:
+                vars(owner).pop(name, None)
+            else:
+                setattr(owner, name, own)
+        self._replaced = []
 
     def _note(self, batch) -> None:
         self.steps.append({chunk.seq_id for chunk in batch.chunks})
