@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.benchkit import require_at_least  # noqa: E402
 from hpcllm.checkpoint.converter import convert  # noqa: E402
 from hpcllm.config import parse_config  # noqa: E402
 from hpcllm.devmodels.builder import make_model  # noqa: E402
@@ -126,8 +127,7 @@ def main() -> int:
     parser.add_argument("--model-process", default="auto", choices=("auto", "false"),
                         help="the workers' [worker] model_process (auto: the CPU default, the forward in a child)")
     args = parser.parse_args()
-    if args.runs < 1:
-        parser.error("--runs must be at least 1")
+    require_at_least(parser, args, 1, "runs")
 
     model = checkpoint(args.size)
     times, loads = measure(model, args.tier, args.runs, args.model_process)

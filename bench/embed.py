@@ -29,6 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.benchkit import require_at_least  # noqa: E402
+
 MODES = ("one-at-a-time", "batched")
 
 
@@ -40,8 +43,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    if args.passages < 1 or args.rounds < 1 or (args.chunk is not None and args.chunk < 1) or min(args.tokens) < 1:
-        parser.error("--passages, --rounds, --chunk and --tokens must be >= 1")
+    require_at_least(parser, args, 1, "passages", "rounds", "chunk", "tokens")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

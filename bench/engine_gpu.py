@@ -36,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.benchkit import require_at_least  # noqa: E402
 from bench.serve import Prompt, prompt_set  # noqa: E402
 
 TARGETS = ("hpcllm", "generate")
@@ -60,8 +61,7 @@ def main() -> int:
                         help="instead: profile hpcllm's engine steps at each C (cProfile of the engine thread's "
                              "steps, then torch.profiler's top operators and CUDA runtime calls of a few steps)")
     args = parser.parse_args()
-    if min(args.concurrency) < 1 or args.rounds < 1 or args.max_output < 1:
-        parser.error("--concurrency, --rounds and --max-output must be >= 1")
+    require_at_least(parser, args, 1, "concurrency", "rounds", "max_output")
     if args.model_dir is not None and not (args.model_dir / "config.json").is_file():
         parser.error(f"--model-dir {args.model_dir} is not a Hugging Face model folder (no config.json)")
     if args.device != "cpu" and not args.device.startswith("cuda"):

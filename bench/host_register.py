@@ -33,6 +33,10 @@ import time
 import warnings
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.benchkit import require_at_least  # noqa: E402
+
 REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the tier's files are mapped read-only
 SLOT_BYTES = 16 << 20
 
@@ -45,8 +49,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path("/dev/shm"))
     args = parser.parse_args()
-    if args.gib <= 0 or args.threads < 1 or args.chunk_mib < 1 or args.rounds < 1:
-        parser.error("--gib, --threads, --chunk-mib and --rounds must be positive")
+    if args.gib <= 0:  # a size in GiB: a fraction of one is a size
+        parser.error(f"--gib must be positive, not {args.gib}")
+    require_at_least(parser, args, 1, "threads", "chunk_mib", "rounds")
     if not args.dir.is_dir():
         parser.error(f"--dir {args.dir} is not a folder")
 

@@ -59,6 +59,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.benchkit import require_at_least  # noqa: E402
+
 RESULTS = REPO / "bench" / "results"
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 COLD_THRESHOLD = 0.01  # a "cold" run whose files are more than 1% in the page cache is flagged
@@ -133,6 +136,7 @@ def main() -> int:
     if args.child:
         return child(args.child, args.state, workdir, args.cold, args)
 
+    require_at_least(parser, args, 1, "runs")
     runs = args.runs if args.runs is not None else (1 if args.quick else 3)
     methods = [m for m in args.methods.split(",") if m]
     if not methods or set(methods) - set(METHODS):
@@ -142,8 +146,6 @@ def main() -> int:
     states = known_states if args.states is None else [s for s in args.states.split(",") if s]
     if not states or set(states) - set(known_states):
         parser.error(f"--states {args.states!r}: the chosen methods' states are {', '.join(known_states)}")
-    if runs < 1:
-        parser.error("--runs must be at least 1")
     can_cold = args.cold == "fadvise" or (os.geteuid() == 0 and os.access(DROP_CACHES, os.W_OK))
     cuda = cuda_available()
     print(f"hpcllm load benchmark: {size} model, {runs} run(s) per method and state, each in a fresh process; "

@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.benchkit import require_at_least  # noqa: E402
 from hpcllm.controller.placement import ClusterView, MovableInstance, NodeCandidate, estimate  # noqa: E402
 
 GB = 10**9
@@ -137,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-decisions", type=int, default=200, help="the naive path is slow: fewer runs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.nodes < 1 or args.models < 1:
-        parser.error("--nodes and --models must be >= 1")
+    require_at_least(parser, args, 1, "nodes", "models")
     if not 2 <= args.baseline_decisions <= args.decisions:  # a p90 needs two times
         parser.error("--baseline-decisions must be at least 2 and at most --decisions")
 

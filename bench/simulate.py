@@ -1305,8 +1305,7 @@ def main() -> int:
     require_at_least(parser, args, 1, "jobs")
     logging.basicConfig(level=logging.ERROR)
     if args.compare:
-        if args.seeds < 1:
-            parser.error("--seeds must be >= 1")
+        require_at_least(parser, args, 1, "seeds")
         args.out.mkdir(parents=True, exist_ok=True)
         return compare_main(args.compare, args.seeds, args.out / "calibration-latest.json", args.own_costs)
 

@@ -39,6 +39,11 @@ CASES = [
     ("serve", ["--threads", "0"], "--threads must be at least 1"),
     ("serve", ["--concurrency", "4", "0"], "--concurrency must be at least 1"),
     ("simulate", ["--jobs", "0"], "--jobs must be at least 1"),
+    ("simulate", ["--compare", "/nonexistent.json", "--seeds", "0"], "--seeds must be at least 1"),
+    ("embed", ["--chunk", "0"], "--chunk must be at least 1"),
+    ("embed", ["--tokens", "8", "0"], "--tokens must be at least 1"),
+    ("engine_gpu", ["--concurrency", "1", "0"], "--concurrency must be at least 1"),
+    ("host_register", ["--chunk-mib", "0"], "--chunk-mib must be at least 1"),
 ]
 
 
