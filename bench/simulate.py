@@ -1313,8 +1313,9 @@ def main() -> int:
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         parser.error(f"unknown policies {unknown}: choose from {', '.join(POLICIES)}")
-    if args.nodes < 1 or args.gpus_per_node < 1 or args.queue_wait < 0 or args.preempt_rate < 0:
-        parser.error("--nodes and --gpus-per-node must be >= 1, --queue-wait and --preempt-rate >= 0")
+    require_at_least(parser, args, 1, "nodes", "gpus_per_node")
+    if args.queue_wait < 0 or args.preempt_rate < 0:  # seconds and a rate, floats: not require_at_least's counts
+        parser.error(f"--queue-wait and --preempt-rate must be >= 0, not {args.queue_wait} and {args.preempt_rate}")
     try:
         parse_seconds(args.walltime)
     except ValueError:
