@@ -1,4 +1,5 @@
-"""What the bench scripts share: how a run names its result files."""
+"""What the bench scripts share: how a run names its result files, and the usage error for a count below its
+minimum."""
 
 from __future__ import annotations
 

@@ -25,8 +25,14 @@ import argparse
 import multiprocessing as mp
 import socket
 import statistics
+import sys
 import threading
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.benchkit import require_at_least  # noqa: E402
 
 LINE = b'{"token_id":1234,"text":" hello","logprobs":null}\n'  # about a token line's size
 WAYS = ("per-stream", "muxed", "muxed-relay")
@@ -157,8 +163,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--step-ms", type=float, default=0.5, help="the engine step between a stream's lines")
     args = parser.parse_args()
-    if min(args.streams) < 1 or max(args.streams) > 256 - TAG_BASE or args.steps < 1 or args.rounds < 1:
-        parser.error(f"--streams 1..{256 - TAG_BASE}, --steps and --rounds at least 1")
+    require_at_least(parser, args, 1, "streams", "steps", "rounds")
+    if max(args.streams) > 256 - TAG_BASE:  # the one-byte stream tag
+        parser.error(f"--streams 1..{256 - TAG_BASE}, not {max(args.streams)}")
     for streams in args.streams:
         results = {way: [] for way in WAYS}
         for r in range(args.rounds):
