@@ -364,10 +364,15 @@ class ControllerRouter(Router):
             resp = self._http.get("/v1/admin/status", timeout=STATUS_TIMEOUT_S,
                                   headers={"Authorization": f"Bearer {admin_key}"})
             resp.raise_for_status()
-            return resp.json()
+            status = resp.json()
         except (httpx.HTTPError, ValueError) as exc:  # where and why: the log's (users never see internal addresses)
             log.warning("the controller at %s did not give its status: %s", self.controller_url, exc)
             return None
+        if not isinstance(status, dict):  # a proxy's or another service's JSON: the views read it as an object
+            log.warning("the controller at %s did not give its status: its answer is JSON but not an object (%s)",
+                        self.controller_url, type(status).__name__)
+            return None
+        return status
 
     def start_draining(self) -> None:
         self._poll_s = min(self.route_poll_s, DRAINING_POLL_S)

@@ -254,6 +254,21 @@ def test_users_view_of_a_failed_migration_names_no_node_agents_address(make_gate
     assert "http://n1" not in user.text, user.text
 
 
+def test_a_status_answer_that_is_not_a_json_object_is_a_503(make_gateway, counted_status, caplog):
+    """Something at the controller's address (a proxy, another service) answering JSON that is not an object: the
+    users' view says the controller did not give its status (503 controller_unreachable), not a 500."""
+    def a_json_list(environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b'["not", "a", "status"]']
+
+    counted_status.on_status = a_json_list
+    gw = make_gateway(router=None, static_models={}, controller_url=counted_status.server.url, status_page_users=True)
+    resp = gw.get("/v1/status", key=USER_KEY)
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "controller_unreachable", resp.text
+    assert "127.0.0.1" not in resp.text, resp.text
+    assert "JSON but not an object" in caplog.text
+
+
 def test_users_are_not_told_the_controllers_address_when_it_is_down(make_gateway, caplog):
     """The users' view never names internal addresses, its error neither: a controller that does not answer is a
     503 controller_unreachable; where it is and why goes to the gateway's log."""
