@@ -240,7 +240,10 @@ class ResponseStore:
         made. Expired rows, and the oldest beyond the bound, are deleted in the same transaction.
         _append's DuplicateItem cannot come from a turn: appended, the conversation holds only items the turn read
         (none after read_upto), its own input was checked against those (check_unique_ids, a 400 before it
-        generated) and its output's ids are new."""
+        generated) and its output's ids are new. "Those" is ResponsesRequest.continuing's list, which drops the items
+        of a type outside ITEM_TYPES: it drops none of a conversation today, as every item written to one is of those
+        types (check_item_types on each input; a turn's output items are messages, function calls and reasoning). A
+        type stored but dropped there would escape the check, and could meet DuplicateItem here."""
         output = new.response["output"]
         now = self.clock()
         with self.shared.transaction() as db:
