@@ -33,6 +33,7 @@ from hpcllm.controller.allocations import PREFERRED_NODE_BUSY
 from hpcllm.controller.errors import AgentError, ControllerError
 from hpcllm.controller.registry import AllocationRecord
 from hpcllm.controller.service import ROUTABLE_NODE_STATES, Controller, allocation_agents, is_retiring
+from hpcllm.credentials import visible_to
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +248,9 @@ class Autoscaler:
         # again (and the next user wait for a cold start). They still count as active for min_instances.
         pool_nodes = {n.node_id for n in nodes if n.is_pool}
         # min_instances counts what serves on (as step 8 does): an instance on a draining node (its agent got
-        # Slurm's signal) leaves soon, so stopping an up node's idle one for it meant a cold start in step 8.
-        routable = {n.node_id for n in nodes if n.state in ROUTABLE_NODE_STATES}
+        # Slurm's signal) leaves soon, so stopping an up node's idle one for it meant a cold start in step 8. Nor
+        # does a group's own pool count: it serves that group only, and min_instances is everyone's.
+        routable = {n.node_id for n in nodes if n.state in ROUTABLE_NODE_STATES and visible_to(n.serves_group, None)}
         by_model = defaultdict(list)
         for inst in self.registry.instances():
             if inst.state in ("ready", "loading"):
@@ -270,7 +272,9 @@ class Autoscaler:
                                                  f"{model.name} idle {now - inst.last_used:.0f} s"))
 
     def _ensure_min_and_demand(self, now: float, report: TickReport) -> None:
-        routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)}
+        # What everyone may be routed to (as step 6): a group's own pool neither keeps the model at min_instances
+        # nor serves the demand of the other groups' requests that found no capacity.
+        routable = set(self.controller.routable_nodes(group=None))
         demand = self.registry.demand()
         active_by_model: dict[str, list] = defaultdict(list)  # one read for all models, not one per model
         for inst in self.registry.instances():

@@ -1,0 +1,52 @@
+"""The autoscaler's counts of a model's instances (min_instances, demand, keep-alive) and a group's own pool.
+
+A group's pool (registered with a pool token, not --shared) serves only that group's API keys (docs/security.md):
+for everyone else the model has no instance there, so it neither keeps the model at its min_instances nor answers
+the demand of a request that found no capacity.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hpcllm.controller.errors import NoCapacity
+from hpcllm.controller.tests.test_pools import group_pool, ordinary_instance, pool_instance
+
+
+def test_a_groups_own_pool_does_not_keep_the_model_at_min_instances_for_everyone(harness):
+    harness.deploy("m", keep_alive_seconds=3600, min_instances=1, max_instances=2)
+    group_pool(harness, "pool1", "71", "physics")
+    pool_instance(harness, "pool1", "m", "pool-m-1")
+    harness.register("n2")
+
+    report = harness.tick(1)
+    assert report.kinds() == [("start_min", "m")], report
+    assert [(url, model) for url, model, _ in harness.agents.started] == [("http://n2:9000", "m")]
+
+
+def test_an_idle_instance_is_not_stopped_for_a_groups_own_pool_under_min_instances(harness):
+    harness.deploy("m", keep_alive_seconds=10, min_instances=1, max_instances=2)
+    group_pool(harness, "pool1", "71", "physics")
+    pool_instance(harness, "pool1", "m", "pool-m-1")
+    harness.register("n2")
+    ordinary = ordinary_instance(harness, "n2", "m")
+
+    for _ in range(3):  # idle long past keep-alive: it is everyone else's only instance of m
+        assert harness.tick(600).kinds() == []
+    assert harness.registry.get_instance(ordinary).state == "ready"
+    assert harness.controller.route("m").instance_id == ordinary
+
+
+def test_demand_that_another_groups_pool_cannot_serve_starts_the_model_when_there_is_room(make_harness):
+    h = make_harness(allocate_on_demand=False)
+    h.deploy("m", keep_alive_seconds=3600, max_instances=2)
+    group_pool(h, "pool1", "71", "physics")
+    pool_instance(h, "pool1", "m", "pool-m-1")
+    with pytest.raises(NoCapacity):
+        h.controller.route("m", group="chemistry")  # no node may host it now: demand is noted
+
+    h.register("n2")  # room comes
+    report = h.tick(1)
+    assert report.kinds() == [("start_for_demand", "m")], report
+    h.heartbeat("n2", tier="sharedfs")
+    assert h.controller.route("m", group="chemistry").node_id == "n2"
