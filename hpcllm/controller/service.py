@@ -1574,11 +1574,13 @@ class Controller:
     @staticmethod
     def _ready_nodes_by_model(by_node: dict[str, list[InstanceRecord]],
                               known_nodes: dict[str, NodeRecord]) -> dict[str, set[str]]:
-        """Per model, the routable nodes running a ready instance of it (where a moved instance's requests can go)."""
+        """Per model, the routable nodes running a ready instance of it (where a moved instance's requests can go).
+        Not a group's own pool: placement moves only instances of nodes that serve everyone (never a pool's), whose
+        requests may not go there (move_instance's ready_target would find no target, and stop the instance)."""
         ready_on: dict[str, set[str]] = defaultdict(set)
         for node_id, instances in by_node.items():
             node = known_nodes.get(node_id)
-            if node is None or node.state not in ROUTABLE_NODE_STATES:
+            if node is None or node.state not in ROUTABLE_NODE_STATES or not visible_to(node.serves_group, None):
                 continue
             for inst in instances:
                 if inst.state == "ready":

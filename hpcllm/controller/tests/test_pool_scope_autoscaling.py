@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 
 from hpcllm.controller.errors import NoCapacity
+from hpcllm.controller.protocol import NodeRegistration, PoolTokenRequest
+from hpcllm.controller.tests.test_migration import ready_instance, use_migrating_agents
 from hpcllm.controller.tests.test_pools import group_pool, ordinary_instance, pool_instance
 
 
@@ -50,3 +52,24 @@ def test_demand_that_another_groups_pool_cannot_serve_starts_the_model_when_ther
     assert report.kinds() == [("start_for_demand", "m")], report
     h.heartbeat("n2", tier="sharedfs")
     assert h.controller.route("m", group="chemistry").node_id == "n2"
+
+
+def test_placement_does_not_take_another_groups_pool_for_where_a_moved_instances_requests_go(make_harness):
+    """A busy instance whose model has no other instance its requests may go to costs their cold start when moved
+    (docs/placement.md, migration): a group's own pool of that model is no such instance (its requests are
+    everyone's), so placement asks for an allocation rather than stop it, as with no pool at all."""
+    h = make_harness(cpu_slots_per_node=1)
+    agents = use_migrating_agents(h)
+    h.deploy("a")
+    h.deploy("b")
+    token = h.controller.issue_pool_token(PoolTokenRequest(model="a", group="physics")).token
+    h.backend.run_job("71", "pool1")
+    h.controller.register(NodeRegistration(node_id="pool1", agent_url="http://pool1:9000", slurm_job_id="71",
+                                           pool_model="a"), h.controller.authenticate_token(token))
+    pool_instance(h, "pool1", "a", "pool-a-1")
+    h.register("n1", gpus=0)
+    a1 = ready_instance(h, "n1", "a", running=1)
+
+    assert h.controller.route("b").status == "allocating"
+    assert agents.migrations == [] and agents.stopped == []
+    assert h.registry.get_instance(a1).state == "ready"
