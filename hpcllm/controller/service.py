@@ -1538,12 +1538,16 @@ class Controller:
     def _claims(self, model: DeployedModel, nodes, by_node: dict[str, list[InstanceRecord]], now: float
                 ) -> dict[str, int]:
         """{node: slots kept} for the cold starts of other models: a node whose agent came up in an allocation made
-        for another deployed model that has no instance anywhere yet keeps that model's slots (of this model's kind,
-        GPU or CPU) for route_max_wait_seconds after the agent registered, the longest its waiting request waits.
+        for another deployed model that has no instance yet (but in a group's own pool) keeps that model's slots (of
+        this model's kind, GPU or CPU) for route_max_wait_seconds after the agent registered, the longest its
+        waiting request waits.
         Else whichever agent registers first takes the first cold start to route, and the other model's request asks
         for one more allocation while its own comes up idle (the distinct-nodes e2e: 3 allocations for 2 models)."""
         models = {m.name: m for m in self.registry.models()}
-        served = {inst.model for instances in by_node.values() for inst in instances}
+        # A group's own pool serves only its group: the request the allocation was made for may be another's.
+        private = {n.node_id for n in nodes if not visible_to(n.serves_group, None)}
+        served = {inst.model for node_id, instances in by_node.items() if node_id not in private
+                  for inst in instances}
         live = [n for n in nodes if n.state in ROUTABLE_NODE_STATES]
         claims: dict[str, int] = {}
         for alloc in self.registry.allocations(active_only=True):

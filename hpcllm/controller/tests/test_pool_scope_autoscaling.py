@@ -11,8 +11,18 @@ import pytest
 
 from hpcllm.controller.errors import NoCapacity
 from hpcllm.controller.protocol import NodeRegistration, PoolTokenRequest
+from hpcllm.controller.tests.test_distinct_nodes import agent_up
 from hpcllm.controller.tests.test_migration import ready_instance, use_migrating_agents
 from hpcllm.controller.tests.test_pools import group_pool, ordinary_instance, pool_instance
+
+
+def physics_pool(h, model: str) -> None:
+    """A pool of `model` on pool1 registered with a physics pool token (slurm/model-pool.sbatch), its instance ready."""
+    token = h.controller.issue_pool_token(PoolTokenRequest(model=model, group="physics")).token
+    h.backend.run_job("71", "pool1")
+    h.controller.register(NodeRegistration(node_id="pool1", agent_url="http://pool1:9000", slurm_job_id="71",
+                                           pool_model=model), h.controller.authenticate_token(token))
+    pool_instance(h, "pool1", model, f"pool-{model}-1")
 
 
 def test_a_groups_own_pool_does_not_keep_the_model_at_min_instances_for_everyone(harness):
@@ -62,14 +72,27 @@ def test_placement_does_not_take_another_groups_pool_for_where_a_moved_instances
     agents = use_migrating_agents(h)
     h.deploy("a")
     h.deploy("b")
-    token = h.controller.issue_pool_token(PoolTokenRequest(model="a", group="physics")).token
-    h.backend.run_job("71", "pool1")
-    h.controller.register(NodeRegistration(node_id="pool1", agent_url="http://pool1:9000", slurm_job_id="71",
-                                           pool_model="a"), h.controller.authenticate_token(token))
-    pool_instance(h, "pool1", "a", "pool-a-1")
+    physics_pool(h, "a")
     h.register("n1", gpus=0)
     a1 = ready_instance(h, "n1", "a", running=1)
 
     assert h.controller.route("b").status == "allocating"
     assert agents.migrations == [] and agents.stopped == []
     assert h.registry.get_instance(a1).state == "ready"
+
+
+def test_an_agent_up_for_a_models_cold_start_is_kept_for_it_though_a_groups_own_pool_serves_that_model(make_harness):
+    """b's allocation came up for a request physics' pool of b cannot serve: a's route must not take its node (b
+    would ask for a third allocation while a's own comes up idle), as when b has no pool at all."""
+    h = make_harness(cpu_slots_per_node=1)
+    h.deploy("a", gpus=0)
+    h.deploy("b", gpus=0)
+    physics_pool(h, "b")
+    job_a = h.controller.route("a").job_id
+    job_b = h.controller.route("b").job_id
+    assert job_a and job_b
+    agent_up(h, job_b, "n2")
+    assert h.controller.route("a").status == "allocating"  # its own allocation, still coming
+    assert [i.node_id for i in h.registry.instances()] == ["pool1"]
+    h.controller.route("b")
+    assert sorted((i.model, i.node_id) for i in h.registry.instances()) == [("b", "n2"), ("b", "pool1")]
