@@ -685,8 +685,7 @@ class Controller:
         if record.revoked:
             raise CredentialError(f"hpcllm token {credential_id} was revoked"
                                   f"{' (its Slurm job ended)' if record.kind == 'allocation' else ''}", status=401)
-        return Principal(kind=record.kind, credential_id=record.credential_id, model=record.model,
-                         group=record.group, shared=record.shared, job_id=record.job_id)
+        return _principal(record)
 
     def worker_key_of(self, node: NodeRecord) -> str:
         """The key the node's agent and workers accept: the cluster secret, or a token-registered node's key."""
@@ -1686,6 +1685,13 @@ class Controller:
                 # Not fatal: if the agent is really gone its heartbeats stop and the autoscaler declares it lost.
                 log.warning("reconcile: node %s did not answer (%s)", node.node_id, exc)
                 continue
+            # What its agent may announce, as for its heartbeats: a pool token's agent, its own model only.
+            credential = self.registry.get_credential(node.credential_id) if node.credential_id else None
+            try:
+                check_models(CLUSTER if credential is None else _principal(credential), [i.model for i in instances])
+            except CredentialError as exc:
+                log.error("reconcile: the instance list of node %s is refused: %s", node.node_id, exc)
+                continue
             cached = [_cache_entry(c) for c in self.registry.cache(node_id=node.node_id)]
             # Reservations made just before the crash: if the agent started them it lists them now.
             for inst in self.registry.instances(node_id=node.node_id):
@@ -1703,6 +1709,11 @@ class Controller:
                  len(self.registry.instances()), len(self.registry.allocations(active_only=True)))
         if slurm_failed is not None:
             raise slurm_failed
+
+
+def _principal(record: CredentialRecord) -> Principal:
+    return Principal(kind=record.kind, credential_id=record.credential_id, model=record.model, group=record.group,
+                     shared=record.shared, job_id=record.job_id)
 
 
 def _credential_info(record: CredentialRecord) -> CredentialInfo:

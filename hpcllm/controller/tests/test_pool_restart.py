@@ -1,0 +1,47 @@
+"""A controller restarted while model pools run: what it takes from their agents (reconcile)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpcllm.controller.allocations import Allocator
+from hpcllm.controller.autoscaler import Autoscaler
+from hpcllm.controller.errors import NoCapacity
+from hpcllm.controller.protocol import InstanceInfo, NodeRegistration, PoolTokenRequest
+from hpcllm.controller.registry import Registry
+from hpcllm.controller.service import Controller
+from hpcllm.controller.tests.test_pools import pool_instance
+
+
+def restart(h) -> None:
+    """The controller process restarts on the same database and reconciles with the live agents."""
+    h.registry.close()
+    h.registry = Registry(h.config.controller.database_url)
+    h.allocator = Allocator(h.config, h.registry, h.backend, "http://controller:8700", clock=h.clock)
+    h.controller = Controller(h.config, h.registry, h.agents, h.allocator, clock=h.clock)
+    h.autoscaler = Autoscaler(h.controller)
+    h.controller.reconcile()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_restart_takes_no_instance_of_another_model_from_a_pool_tokens_agent(make_harness, shared):
+    """A pool token serves its one model: a heartbeat announcing another model's instance is refused, and so is the
+    same instance list when the restarted controller asks the pool's agent (its prompts must never go there)."""
+    h = make_harness(allocate_on_demand=False)
+    h.deploy("m")
+    h.deploy("secret")
+    token = h.controller.issue_pool_token(PoolTokenRequest(model="m", group="physics", shared=shared)).token
+    h.backend.run_job("71", "pool1")
+    h.controller.register(NodeRegistration(node_id="pool1", agent_url="http://pool1:9000", slurm_job_id="71",
+                                           pool_model="m"), h.controller.authenticate_token(token))
+    pool_instance(h, "pool1", "m", "pool-m-1")
+    # The pool's agent now lists an instance of a model its token does not serve.
+    h.agents._agent("http://pool1:9000").add(InstanceInfo(
+        instance_id="pool-secret-1", model="secret", state="ready", worker_url="http://pool1:9000/workers/x",
+        gpu_ids=[], load_tier="sharedfs", load_seconds=1.0))
+
+    restart(h)
+
+    assert [i.instance_id for i in h.registry.instances(model="secret")] == []
+    with pytest.raises(NoCapacity):
+        h.controller.route("secret", group="physics")
