@@ -214,7 +214,8 @@ def list_pool_tokens(config_path: Path | None, controller_url: str | None) -> No
 @config_option
 @url_option
 def revoke_pool_token(credential_id: str, config_path: Path | None, controller_url: str | None) -> None:
-    """Revoke a token now: its pool's next heartbeat is refused, and it cannot register again."""
+    """Revoke a token now: its pool's next heartbeat is refused (its agents drain and exit), and it cannot register
+    again."""
     if not credential_id.strip():
         raise click.BadParameter("give the id of the token to revoke (`hpcllm pool token list` shows them)",
                                  param_hint="CREDENTIAL_ID")

@@ -452,6 +452,15 @@ class NodeAgent:
             log.warning("the controller does not know %s (declared lost, or a new database): registering again",
                         self.node_id)
             return self.register()
+        if resp.status_code == 401:
+            # The controller takes this agent's credential no more (a pool token revoked, an allocation's job over,
+            # a wrong secret): no heartbeat of it counts again and it may not register, so it drains and exits
+            # rather than hold its job's GPUs for nothing, beating for ever.
+            log.error("the controller %s refused this agent's credential (%s); this agent stops its workers and "
+                      "exits", self.controller_url, error_of(resp)[1])
+            self.registered = False
+            self.request_drain("credential refused")
+            return False
         if resp.status_code == AgentReplaced.http_status and error_of(resp)[0].get("code") == AgentReplaced.code:
             # Another `hpcllm node` registered this node after this process (two on one node): none of this one's
             # heartbeats counts any more, so it would keep its workers for nothing. It drains and exits, telling
