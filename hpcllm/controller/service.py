@@ -874,7 +874,9 @@ class Controller:
         nodes = self.routable_nodes(group)
         routable = set(nodes)
         ready = [i for i in instances if i.state == "ready" and i.worker_url and i.node_id in routable]
-        loading = [i for i in instances if i.state == "loading" and i.node_id in routable]
+        failed_pools = self._failed_pools(name)
+        loading = [i for i in instances if i.state == "loading" and i.node_id in routable
+                   and i.node_id not in failed_pools]
         if ready:
             best = min(ready, key=lambda i: (i.load, i.instance_id))
             self.registry.note_routed(best.instance_id, now)
@@ -952,8 +954,10 @@ class Controller:
         """The instance already loading (concurrent requests wait for it); NoCapacity at max_instances (counting
         what `group` may be routed to: another group's pool does not count)."""
         routable = set(self.routable_nodes(group, exclude_nodes))
+        failed_pools = self._failed_pools(model.name)
         active = [i for i in self.registry.instances(model=model.name)
-                  if i.state in ("ready", "loading") and i.node_id in routable]
+                  if i.state in ("ready", "loading") and i.node_id in routable
+                  and not (i.state == "loading" and i.node_id in failed_pools)]
         loading = [i for i in active if i.state == "loading"]
         if loading:  # one cold start at a time per model: concurrent requests wait for it
             return self._starting(model.name, loading[0])
@@ -961,6 +965,17 @@ class Controller:
             raise NoCapacity(f"model {model.name!r} already runs max_instances={model.max_instances}",
                              retry_after=self.settings.route_retry_after_seconds)
         return None
+
+    def _failed_pools(self, model: str) -> set[str]:
+        """Model pools whose agent reported a failed load of `model` since it registered. Their agent starts it
+        again by itself after each failure, and a load that fails late is loading nearly all the time: its next
+        load is no cold start to wait for (nor one of max_instances), the model starts elsewhere."""
+        with self._failures_lock:
+            failed = [(f.node_id, f.failed_at) for f in self._failures.values() if f.model == model]
+        if not failed:
+            return set()
+        pools = {n.node_id: n for n in self.registry.nodes(states=ROUTABLE_NODE_STATES) if n.is_pool}
+        return {node_id for node_id, at in failed if node_id in pools and at >= pools[node_id].registered_at}
 
     def _ask_agent(self, model: DeployedModel, node: NodeRecord, gpu_ids: list[int],
                    reservation: str) -> RouteWaiting:

@@ -1,0 +1,29 @@
+"""A model pool whose model fails to load: its agent loads it again by itself (hpcllm node --model)."""
+
+from __future__ import annotations
+
+from hpcllm.controller.protocol import InstanceInfo
+
+
+def test_a_pool_whose_model_keeps_failing_to_load_does_not_hold_back_a_start_elsewhere(harness):
+    """A pool's agent restarts its model after each failed load (hpcllm node --model): a load that fails late (too
+    little GPU memory at its end) is loading nearly all the time. One cold start at a time per model made every
+    request wait for that load ('starting' on the pool) for ever; once the pool has failed to load the model, its
+    next load is no reason to wait: the model starts elsewhere."""
+    harness.deploy("m", max_instances=2)
+    harness.register("pool1", pool_model="m")
+    agent = harness.agents._agent("http://pool1:9000")
+    loading = dict(model="m", state="loading", worker_url=None, gpu_ids=[], load_tier="sharedfs")
+    agent.add(InstanceInfo(instance_id="pool-m-1", **loading))
+    harness.heartbeat("pool1")
+    harness.register("n2")
+    assert harness.controller.route("m").node_id == "pool1"  # a pool coming up: its load is waited for
+    agent.update("pool-m-1", state="failed", error="CUDA out of memory")
+    harness.heartbeat("pool1")
+    agent.remove("pool-m-1")
+    agent.add(InstanceInfo(instance_id="pool-m-2", **loading))  # its agent tries again
+    harness.heartbeat("pool1")
+
+    answer = harness.controller.route("m")
+    assert (answer.status, answer.node_id) == ("starting", "n2"), answer
+    assert [(url, model) for url, model, _ in harness.agents.started] == [("http://n2:9000", "m")]
