@@ -282,6 +282,8 @@ class Autoscaler:
                 active_by_model[inst.model].append(inst)
         for model in self.registry.models():
             active = active_by_model[model.name]
+            failed_pools = self.controller.failed_pools(model.name)  # their next load is not waited for
+            active = [i for i in active if not (i.state == "loading" and i.node_id in failed_pools)]
             wanted = model.name in demand
             if wanted:
                 keep_alive = model.keep_alive_seconds if model.keep_alive_seconds is not None \

@@ -874,7 +874,7 @@ class Controller:
         nodes = self.routable_nodes(group)
         routable = set(nodes)
         ready = [i for i in instances if i.state == "ready" and i.worker_url and i.node_id in routable]
-        failed_pools = self._failed_pools(name)
+        failed_pools = self.failed_pools(name)
         loading = [i for i in instances if i.state == "loading" and i.node_id in routable
                    and i.node_id not in failed_pools]
         if ready:
@@ -954,7 +954,7 @@ class Controller:
         """The instance already loading (concurrent requests wait for it); NoCapacity at max_instances (counting
         what `group` may be routed to: another group's pool does not count)."""
         routable = set(self.routable_nodes(group, exclude_nodes))
-        failed_pools = self._failed_pools(model.name)
+        failed_pools = self.failed_pools(model.name)
         active = [i for i in self.registry.instances(model=model.name)
                   if i.state in ("ready", "loading") and i.node_id in routable
                   and not (i.state == "loading" and i.node_id in failed_pools)]
@@ -966,7 +966,7 @@ class Controller:
                              retry_after=self.settings.route_retry_after_seconds)
         return None
 
-    def _failed_pools(self, model: str) -> set[str]:
+    def failed_pools(self, model: str) -> set[str]:
         """Model pools whose agent reported a failed load of `model` since it registered. Their agent starts it
         again by itself after each failure, and a load that fails late is loading nearly all the time: its next
         load is no cold start to wait for (nor one of max_instances), the model starts elsewhere."""

@@ -27,3 +27,21 @@ def test_a_pool_whose_model_keeps_failing_to_load_does_not_hold_back_a_start_els
     answer = harness.controller.route("m")
     assert (answer.status, answer.node_id) == ("starting", "n2"), answer
     assert [(url, model) for url, model, _ in harness.agents.started] == [("http://n2:9000", "m")]
+
+
+def test_min_instances_are_kept_beside_a_pool_whose_model_keeps_failing_to_load(harness):
+    harness.deploy("m", min_instances=1, max_instances=2, keep_alive_seconds=3600)
+    harness.register("pool1", pool_model="m")
+    agent = harness.agents._agent("http://pool1:9000")
+    loading = dict(model="m", state="loading", worker_url=None, gpu_ids=[], load_tier="sharedfs")
+    agent.add(InstanceInfo(instance_id="pool-m-1", **loading))
+    harness.register("n2")
+    assert harness.tick(1).kinds() == []  # a pool coming up counts for min_instances
+    agent.update("pool-m-1", state="failed", error="CUDA out of memory")
+    harness.heartbeat("pool1")
+    agent.remove("pool-m-1")
+    agent.add(InstanceInfo(instance_id="pool-m-2", **loading))  # its agent tries again
+
+    report = harness.tick(1)
+    assert report.kinds() == [("start_min", "m")], report
+    assert [(url, model) for url, model, _ in harness.agents.started] == [("http://n2:9000", "m")]
