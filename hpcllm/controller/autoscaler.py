@@ -259,7 +259,7 @@ class Autoscaler:
             keep_alive = model.keep_alive_seconds
             if keep_alive is None:
                 keep_alive = self.settings.keep_alive_seconds
-            active = by_model.get(model.name, [])
+            active = self._counted(model.name, by_model.get(model.name, []))
             idle = sorted((i for i in active if i.state == "ready" and i.load == 0 and now - i.last_used >= keep_alive
                            and i.node_id not in pool_nodes),
                           key=lambda i: (i.last_used, i.instance_id))
@@ -281,9 +281,7 @@ class Autoscaler:
             if inst.state in ("ready", "loading") and inst.node_id in routable:
                 active_by_model[inst.model].append(inst)
         for model in self.registry.models():
-            active = active_by_model[model.name]
-            failed_pools = self.controller.failed_pools(model.name)  # their next load is not waited for
-            active = [i for i in active if not (i.state == "loading" and i.node_id in failed_pools)]
+            active = self._counted(model.name, active_by_model[model.name])
             wanted = model.name in demand
             if wanted:
                 keep_alive = model.keep_alive_seconds if model.keep_alive_seconds is not None \
@@ -312,6 +310,12 @@ class Autoscaler:
             report.errors.append(f"{kind} {model.name}: {exc}")
             return
         report.actions.append(Action(kind, model.name, f"{outcome.status} {outcome.node_id or outcome.job_id}"))
+
+    def _counted(self, model: str, active: list) -> list:
+        """The model's ready and loading instances that count (for min_instances, demand, one start at a time): not
+        the next load of a pool that failed to load it (Controller.failed_pools), which routing does not wait for."""
+        failed_pools = self.controller.failed_pools(model)
+        return [i for i in active if not (i.state == "loading" and i.node_id in failed_pools)]
 
     def _stop(self, node_id: str, instance_id: str) -> bool:
         node = self.registry.get_node(node_id)

@@ -30,7 +30,7 @@ def test_a_pool_whose_model_keeps_failing_to_load_does_not_hold_back_a_start_els
 
 
 def test_min_instances_are_kept_beside_a_pool_whose_model_keeps_failing_to_load(harness):
-    harness.deploy("m", min_instances=1, max_instances=2, keep_alive_seconds=3600)
+    harness.deploy("m", min_instances=1, max_instances=2, keep_alive_seconds=60)
     harness.register("pool1", pool_model="m")
     agent = harness.agents._agent("http://pool1:9000")
     loading = dict(model="m", state="loading", worker_url=None, gpu_ids=[], load_tier="sharedfs")
@@ -45,3 +45,7 @@ def test_min_instances_are_kept_beside_a_pool_whose_model_keeps_failing_to_load(
     report = harness.tick(1)
     assert report.kinds() == [("start_min", "m")], report
     assert [(url, model) for url, model, _ in harness.agents.started] == [("http://n2:9000", "m")]
+    harness.heartbeat("n2", tier="sharedfs")
+    for _ in range(3):  # idle long past keep-alive, it is the model's minimum: not stopped (and started again)
+        assert harness.tick(600).kinds() == []
+    assert [i.node_id for i in harness.registry.instances(model="m") if i.state == "ready"] == ["n2"]
