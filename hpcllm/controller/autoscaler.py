@@ -234,9 +234,17 @@ class Autoscaler:
             if alloc.idle_since is None:
                 self.registry.update_allocation(alloc.job_id, idle_since=now)
             elif now - alloc.idle_since >= self.settings.allocation_keep_alive_seconds:
-                for node in self._nodes_of(alloc):
-                    self.registry.set_node_state(node.node_id, "draining")
-                self.allocator.cancel(alloc.job_id, "idle", now)
+                up = [node.node_id for node in self._nodes_of(alloc) if node.state == "up"]
+                for node_id in up:  # before the cancel: nothing is placed there meanwhile
+                    self.registry.set_node_state(node_id, "draining")
+                try:
+                    self.allocator.cancel(alloc.job_id, "idle", now)
+                except ControllerError:
+                    # Slurm did not take the cancel (an outage): the node serves on, and the next tick tries again
+                    # if it is still idle - left draining, it could not serve while no other allocation can be made.
+                    for node_id in up:
+                        self.registry.set_node_state(node_id, "up")
+                    raise
                 report.actions.append(Action("cancel_idle_allocation", alloc.job_id,
                                              f"idle {now - alloc.idle_since:.0f} s"))
 

@@ -41,3 +41,26 @@ def test_an_agent_registering_again_into_a_cancelled_allocation_gets_no_instance
     assert h.registry.get_node("n2").state == "draining"
     assert h.controller.route("m").status == "allocating"
     assert h.agents.started == []
+
+
+def test_an_idle_allocation_slurm_cannot_cancel_during_an_outage_keeps_serving(make_harness):
+    """Past its keep-alive the idle allocation is to be cancelled, but Slurm does not answer: its node was left
+    draining (no placement there) until Slurm came back, while it could serve - and with Slurm down no other
+    allocation can be made, so a request for a model found no capacity. The node serves on; the cancel is tried
+    again once Slurm answers and the node is still idle."""
+    h = make_harness(allocation_keep_alive_seconds=3)
+    model = h.deploy("m")
+    job = h.allocator.submit(model, [], h.clock.now)
+    h.backend.start(job, "n2", h.clock.now)
+    h.register("n2", job=job)
+    h.tick()
+    h.backend.down = True
+    report = h.tick(4)
+    assert ("cancel_idle_allocation", job) not in report.kinds()
+    assert any(f"cannot cancel allocation {job}" in e for e in report.errors), report
+    assert h.registry.get_node("n2").state == "up"
+    answer = h.controller.route("m")
+    assert (answer.status, answer.node_id) == ("starting", "n2"), answer
+    h.backend.down = False
+    h.heartbeat("n2", tier="sharedfs")
+    assert ("cancel_idle_allocation", job) not in h.tick(4).kinds()  # it serves now: not idle
