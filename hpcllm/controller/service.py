@@ -1688,6 +1688,9 @@ class Controller:
         self.refresh_context_lengths()
         now = self.clock()
         slurm_failed = None
+        # Requests the gateway sent to remembered routes while this controller was down were not seen here: an
+        # instance's last use is not known, so keep-alive counts from now (not from before the outage).
+        self.registry.restart_idle_clocks(now)
         try:
             self.allocator.sync(now)
         except AllocationFailed as exc:
