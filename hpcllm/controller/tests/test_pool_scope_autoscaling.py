@@ -96,3 +96,18 @@ def test_an_agent_up_for_a_models_cold_start_is_kept_for_it_though_a_groups_own_
     assert [i.node_id for i in h.registry.instances()] == ["pool1"]
     h.controller.route("b")
     assert sorted((i.model, i.node_id) for i in h.registry.instances()) == [("b", "n2"), ("b", "pool1")]
+
+
+def test_a_groups_own_pool_coming_up_does_not_answer_another_groups_demand(make_harness):
+    """chemistry's request found no capacity while physics' pool was still loading: the pool becoming ready serves
+    physics only, so chemistry's demand stays and the model starts for it once there is room."""
+    h = make_harness(allocate_on_demand=False)
+    h.deploy("m", keep_alive_seconds=3600, max_instances=2)
+    group_pool(h, "pool1", "71", "physics")
+    with pytest.raises(NoCapacity):
+        h.controller.route("m", group="chemistry")  # no node may host it now: demand is noted
+
+    pool_instance(h, "pool1", "m", "pool-m-1")  # physics' pool's load is done
+    h.register("n2")  # room comes
+    report = h.tick(1)
+    assert report.kinds() == [("start_for_demand", "m")], report
