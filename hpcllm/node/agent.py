@@ -452,10 +452,17 @@ class NodeAgent:
             log.warning("the controller does not know %s (declared lost, or a new database): registering again",
                         self.node_id)
             return self.register()
+        if resp.status_code == 401 and not self.token:
+            # The cluster secret refused: the controller was restarted with another cluster.shared_secret (a typo, a
+            # rotation). Fixing its config fixes this, so the agent keeps its instances and goes on beating.
+            log.error("the controller %s refused this agent's cluster secret (%s): check that cluster.shared_secret "
+                      "is the same in the controller's config and this node's", self.controller_url,
+                      error_of(resp)[1])
+            return False
         if resp.status_code == 401:
-            # The controller takes this agent's credential no more (a pool token revoked, an allocation's job over,
-            # a wrong secret): no heartbeat of it counts again and it may not register, so it drains and exits
-            # rather than hold its job's GPUs for nothing, beating for ever.
+            # The controller takes this agent's node token no more (a pool token revoked, an allocation's job over):
+            # no heartbeat of it counts again and it may not register, so it drains and exits rather than hold its
+            # job's GPUs for nothing, beating for ever.
             log.error("the controller %s refused this agent's credential (%s); this agent stops its workers and "
                       "exits", self.controller_url, error_of(resp)[1])
             self.registered = False

@@ -40,3 +40,30 @@ def test_a_pool_agent_whose_token_is_revoked_drains_and_stops_beating(tmp_path, 
         assert "revoked" in caplog.text
     finally:
         agent.shutdown()
+
+
+def test_an_agent_on_the_cluster_secret_refused_keeps_its_instances_and_beats_on(tmp_path, controllers,  # noqa: F811
+                                                                                 monkeypatch, caplog):
+    """The controller restarted with a mistyped (or rotated) cluster.shared_secret: an operator node's agent says
+    what to check and keeps its instances; once the secret matches again its heartbeats count again."""
+    (first, _, url), _ = controllers
+    monkeypatch.setenv("SLURMD_NODENAME", "n9")
+    agent = make_agent(tmp_path)
+    agent.controller_url = url
+    agent.agent_url = "http://127.0.0.1:1"
+    try:
+        assert agent.register()
+        assert agent.heartbeat()
+
+        secret = agent._http.headers["X-Hpcllm-Secret"]
+        agent._http.headers["X-Hpcllm-Secret"] = "not-the-secret"  # as a controller with another secret sees it
+        caplog.set_level(logging.INFO)
+        assert not agent.heartbeat()
+        assert not agent._drain_requested.is_set(), "a refused cluster secret drained the agent"
+        assert "cluster.shared_secret" in caplog.text
+
+        agent._http.headers["X-Hpcllm-Secret"] = secret  # the controller's config is fixed
+        assert agent.heartbeat()
+        assert [n.node_id for n in first.controller.status().nodes] == ["n9"]
+    finally:
+        agent.shutdown()
