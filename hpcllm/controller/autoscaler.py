@@ -255,6 +255,7 @@ class Autoscaler:
         # A model pool (`hpcllm node --model`) owns its instances: stopping one would only make its agent start it
         # again (and the next user wait for a cold start). They still count as active for min_instances.
         pool_nodes = {n.node_id for n in nodes if n.is_pool}
+        started_at = self.controller.started_at  # no use seen before this controller started (Controller.started_at)
         # min_instances counts what serves on (as step 8 does): an instance on a draining node (its agent got
         # Slurm's signal) leaves soon, so stopping an up node's idle one for it meant a cold start in step 8. Nor
         # does a group's own pool count: it serves that group only, and min_instances is everyone's.
@@ -268,8 +269,8 @@ class Autoscaler:
             if keep_alive is None:
                 keep_alive = self.settings.keep_alive_seconds
             active = self._counted(model.name, by_model.get(model.name, []))
-            idle = sorted((i for i in active if i.state == "ready" and i.load == 0 and now - i.last_used >= keep_alive
-                           and i.node_id not in pool_nodes),
+            idle = sorted((i for i in active if i.state == "ready" and i.load == 0
+                           and now - max(i.last_used, started_at) >= keep_alive and i.node_id not in pool_nodes),
                           key=lambda i: (i.last_used, i.instance_id))
             can_stop = max(0, sum(i.node_id in routable for i in active) - model.min_instances)
             leaving = [i for i in idle if i.node_id not in routable]

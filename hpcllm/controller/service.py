@@ -274,6 +274,10 @@ class Controller:
         self._live_tickets: dict[str, list[float]] = {}
         self._live_tickets_lock = threading.Lock()
         self._agent_changes = AgentChanges()
+        # Requests the gateway sent to remembered routes while no controller ran were not seen here: keep-alive
+        # counts an instance idle from its last use or from this start, whichever is later (its stored last use
+        # stays, for `hpcllm status` and the order in which idle instances stop).
+        self.started_at = clock()
 
     # ------------------------------------------------------------------------------------------------ admin
 
@@ -1691,9 +1695,6 @@ class Controller:
         self.refresh_context_lengths()
         now = self.clock()
         slurm_failed = None
-        # Requests the gateway sent to remembered routes while this controller was down were not seen here: an
-        # instance's last use is not known, so keep-alive counts from now (not from before the outage).
-        self.registry.restart_idle_clocks(now)
         try:
             self.allocator.sync(now)
         except AllocationFailed as exc:

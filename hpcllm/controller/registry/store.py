@@ -718,12 +718,6 @@ class Registry:
             db.execute("UPDATE instances SET last_used = ?, routed_since_heartbeat = routed_since_heartbeat + 1"
                        " WHERE instance_id = ?", (now, instance_id))
 
-    def restart_idle_clocks(self, now: float) -> None:
-        """Every instance counts as used now (a controller restart: while it was down the gateway served from the
-        routes it remembers, which it could not see)."""
-        with self._tx() as db:
-            db.execute("UPDATE instances SET last_used = ? WHERE last_used < ?", (now, now))
-
     # --------------------------------------------------------------------------------------------- allocations
 
     def add_allocation(self, job_id: str, model: str | None, preferred_nodes: list[str], partition: str | None,
