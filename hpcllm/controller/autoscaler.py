@@ -33,7 +33,6 @@ from hpcllm.controller.allocations import PREFERRED_NODE_BUSY
 from hpcllm.controller.errors import AgentError, ControllerError
 from hpcllm.controller.registry import AllocationRecord
 from hpcllm.controller.service import ROUTABLE_NODE_STATES, Controller, allocation_agents, is_retiring
-from hpcllm.credentials import visible_to
 
 log = logging.getLogger(__name__)
 
@@ -251,15 +250,14 @@ class Autoscaler:
     def _stop_idle_instances(self, now: float, report: TickReport) -> None:
         if self.settings.keep_alive_policy == "per-model":
             return  # per-user launcher style: a model's instance serves until its allocation ends
-        nodes = self.registry.nodes()  # read once for both sets
         # A model pool (`hpcllm node --model`) owns its instances: stopping one would only make its agent start it
         # again (and the next user wait for a cold start). They still count as active for min_instances.
-        pool_nodes = {n.node_id for n in nodes if n.is_pool}
+        pool_nodes = {n.node_id for n in self.registry.nodes() if n.is_pool}
         started_at = self.controller.started_at  # no use seen before this controller started (Controller.started_at)
         # min_instances counts what serves on (as step 8 does): an instance on a draining node (its agent got
         # Slurm's signal) leaves soon, so stopping an up node's idle one for it meant a cold start in step 8. Nor
         # does a group's own pool count: it serves that group only, and min_instances is everyone's.
-        routable = {n.node_id for n in nodes if n.state in ROUTABLE_NODE_STATES and visible_to(n.serves_group, None)}
+        routable = set(self.controller.routable_nodes(group=None))
         by_model = defaultdict(list)
         for inst in self.registry.instances():
             if inst.state in ("ready", "loading"):
@@ -268,7 +266,7 @@ class Autoscaler:
             keep_alive = model.keep_alive_seconds
             if keep_alive is None:
                 keep_alive = self.settings.keep_alive_seconds
-            active = self._counted(model.name, by_model.get(model.name, []))
+            active = self.controller.counted_instances(model.name, by_model.get(model.name, []))
             idle = sorted((i for i in active if i.state == "ready" and i.load == 0
                            and now - max(i.last_used, started_at) >= keep_alive and i.node_id not in pool_nodes),
                           key=lambda i: (i.last_used, i.instance_id))
@@ -290,7 +288,7 @@ class Autoscaler:
             if inst.state in ("ready", "loading") and inst.node_id in routable:
                 active_by_model[inst.model].append(inst)
         for model in self.registry.models():
-            active = self._counted(model.name, active_by_model[model.name])
+            active = self.controller.counted_instances(model.name, active_by_model[model.name])
             wanted = model.name in demand
             if wanted:
                 keep_alive = model.keep_alive_seconds if model.keep_alive_seconds is not None \
@@ -319,12 +317,6 @@ class Autoscaler:
             report.errors.append(f"{kind} {model.name}: {exc}")
             return
         report.actions.append(Action(kind, model.name, f"{outcome.status} {outcome.node_id or outcome.job_id}"))
-
-    def _counted(self, model: str, active: list) -> list:
-        """The model's ready and loading instances that count (for min_instances, demand, one start at a time): not
-        the next load of a pool that failed to load it (Controller.failed_pools), which routing does not wait for."""
-        failed_pools = self.controller.failed_pools(model)
-        return [i for i in active if not (i.state == "loading" and i.node_id in failed_pools)]
 
     def _stop(self, node_id: str, instance_id: str) -> bool:
         node = self.registry.get_node(node_id)

@@ -881,9 +881,7 @@ class Controller:
         nodes = self.routable_nodes(group)
         routable = set(nodes)
         ready = [i for i in instances if i.state == "ready" and i.worker_url and i.node_id in routable]
-        failed_pools = self.failed_pools(name)
-        loading = [i for i in instances if i.state == "loading" and i.node_id in routable
-                   and i.node_id not in failed_pools]
+        loading = [i for i in self.counted_instances(name, instances) if i.state == "loading" and i.node_id in routable]
         if ready:
             best = min(ready, key=lambda i: (i.load, i.instance_id))
             self.registry.note_routed(best.instance_id, now)
@@ -961,10 +959,8 @@ class Controller:
         """The instance already loading (concurrent requests wait for it); NoCapacity at max_instances (counting
         what `group` may be routed to: another group's pool does not count)."""
         routable = set(self.routable_nodes(group, exclude_nodes))
-        failed_pools = self.failed_pools(model.name)
-        active = [i for i in self.registry.instances(model=model.name)
-                  if i.state in ("ready", "loading") and i.node_id in routable
-                  and not (i.state == "loading" and i.node_id in failed_pools)]
+        active = [i for i in self.counted_instances(model.name, self.registry.instances(model=model.name))
+                  if i.state in ("ready", "loading") and i.node_id in routable]
         loading = [i for i in active if i.state == "loading"]
         if loading:  # one cold start at a time per model: concurrent requests wait for it
             return self._starting(model.name, loading[0])
@@ -973,7 +969,13 @@ class Controller:
                              retry_after=self.settings.route_retry_after_seconds)
         return None
 
-    def failed_pools(self, model: str) -> set[str]:
+    def counted_instances(self, model: str, instances: list[InstanceRecord]) -> list[InstanceRecord]:
+        """Those of `model`'s `instances` that count as its capacity (a cold start to wait for, one of min_instances
+        or max_instances): all but the next load of a pool that failed to load it (_failed_pools)."""
+        failed = self._failed_pools(model)
+        return [i for i in instances if not (i.state == "loading" and i.node_id in failed)]
+
+    def _failed_pools(self, model: str) -> set[str]:
         """Model pools whose agent reported a failed load of `model` since it registered. Their agent starts it
         again by itself after each failure, and a load that fails late is loading nearly all the time: its next
         load is no cold start to wait for (nor one of max_instances), the model starts elsewhere."""
