@@ -257,7 +257,7 @@ class Autoscaler:
         # min_instances counts what serves on (as step 8 does): an instance on a draining node (its agent got
         # Slurm's signal) leaves soon, so stopping an up node's idle one for it meant a cold start in step 8. Nor
         # does a group's own pool count: it serves that group only, and min_instances is everyone's.
-        routable = set(self.controller.routable_nodes(group=None))
+        routable = self.controller.routable_nodes(group=None)
         by_model = defaultdict(list)
         for inst in self.registry.instances():
             if inst.state in ("ready", "loading"):
@@ -266,7 +266,7 @@ class Autoscaler:
             keep_alive = model.keep_alive_seconds
             if keep_alive is None:
                 keep_alive = self.settings.keep_alive_seconds
-            active = self.controller.counted_instances(model.name, by_model.get(model.name, []))
+            active = self.controller.counted_instances(model.name, by_model.get(model.name, []), routable)
             idle = sorted((i for i in active if i.state == "ready" and i.load == 0
                            and now - max(i.last_used, started_at) >= keep_alive and i.node_id not in pool_nodes),
                           key=lambda i: (i.last_used, i.instance_id))
@@ -281,14 +281,14 @@ class Autoscaler:
     def _ensure_min_and_demand(self, now: float, report: TickReport) -> None:
         # What everyone may be routed to (as step 6): a group's own pool neither keeps the model at min_instances
         # nor serves the demand of the other groups' requests that found no capacity.
-        routable = set(self.controller.routable_nodes(group=None))
+        routable = self.controller.routable_nodes(group=None)
         demand = self.registry.demand()
         active_by_model: dict[str, list] = defaultdict(list)  # one read for all models, not one per model
         for inst in self.registry.instances():
             if inst.state in ("ready", "loading") and inst.node_id in routable:
                 active_by_model[inst.model].append(inst)
         for model in self.registry.models():
-            active = self.controller.counted_instances(model.name, active_by_model[model.name])
+            active = self.controller.counted_instances(model.name, active_by_model[model.name], routable)
             wanted = model.name in demand
             if wanted:
                 keep_alive = model.keep_alive_seconds if model.keep_alive_seconds is not None \

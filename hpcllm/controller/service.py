@@ -270,6 +270,9 @@ class Controller:
         # `hpcllm status`: the registry drops failed instances, their reason would be lost otherwise.
         self._failures: OrderedDict[str, InstanceFailure] = OrderedDict()
         self._failures_lock = threading.Lock()
+        # Model pools whose agent reported a failed load (_failed_pools), by node: its model and when. Apart from
+        # `_failures`, which keeps only the latest: other nodes' failures must not make the pool waited for again.
+        self._failed_pool_loads: dict[str, tuple[str, float]] = {}
         # The expiries of the live migration tickets issued to node tokens, by source instance (MAX_LIVE_TICKETS).
         self._live_tickets: dict[str, list[float]] = {}
         self._live_tickets_lock = threading.Lock()
@@ -729,6 +732,8 @@ class Controller:
             log.warning("refused the registration of %s: %s", reg.node_id, exc)
             raise
         self._agent_changes.forget_node(node.node_id)  # with the node's old instances (a new agent process)
+        with self._failures_lock:
+            self._failed_pool_loads.pop(node.node_id, None)  # a new job's agent: its loads are waited for again
         log.info("node %s registered (agent %s, job %s, %d gpus, %d cached%s)", node.node_id, node.agent_url,
                  node.slurm_job_id, node.gpus, len(reg.cached),
                  f"; model pool of {node.pool_model}: routed to, never placed on" if node.is_pool else "")
@@ -816,7 +821,7 @@ class Controller:
                      cold.node_id, (cold.ready_at or cold.requested_at) - cold.requested_at, cold.load_seconds,
                      cold.tier, cold.estimate_seconds)
         for failed in outcome.failed:
-            self._record_failure(node_id, failed)
+            self._record_failure(node_id, failed, pool=known is not None and known.is_pool)
         node = self.registry.get_node(node_id)
         if hb.draining and node is not None and node.state == "up":
             # Its agent got Slurm's signal: no new instance or migration target there (a new registration after
@@ -828,14 +833,17 @@ class Controller:
             self._notify()
         return HeartbeatResponse(node_id=node_id, state=node.state if node else "unknown")
 
-    def _record_failure(self, node_id: str, failed: InstanceInfo) -> None:
+    def _record_failure(self, node_id: str, failed: InstanceInfo, pool: bool = False) -> None:
         with self._failures_lock:
             if failed.instance_id in self._failures:
                 return  # reported again by the next heartbeat
             log.error("instance %s of %s failed on %s: %s", failed.instance_id, failed.model, node_id, failed.error)
+            now = self.clock()
             self._failures[failed.instance_id] = InstanceFailure(
                 instance_id=failed.instance_id, model=failed.model, node_id=node_id, error=failed.error,
-                failed_at=self.clock())
+                failed_at=now)
+            if pool:
+                self._failed_pool_loads[node_id] = (failed.model, now)
             while len(self._failures) > RECENT_FAILURES:
                 self._failures.popitem(last=False)
 
@@ -881,7 +889,8 @@ class Controller:
         nodes = self.routable_nodes(group)
         routable = set(nodes)
         ready = [i for i in instances if i.state == "ready" and i.worker_url and i.node_id in routable]
-        loading = [i for i in self.counted_instances(name, instances) if i.state == "loading" and i.node_id in routable]
+        loading = [i for i in self.counted_instances(name, instances, nodes)
+                   if i.state == "loading" and i.node_id in routable]
         if ready:
             best = min(ready, key=lambda i: (i.load, i.instance_id))
             self.registry.note_routed(best.instance_id, now)
@@ -958,8 +967,8 @@ class Controller:
                              group: str | None = None) -> RouteWaiting | None:
         """The instance already loading (concurrent requests wait for it); NoCapacity at max_instances (counting
         what `group` may be routed to: another group's pool does not count)."""
-        routable = set(self.routable_nodes(group, exclude_nodes))
-        active = [i for i in self.counted_instances(model.name, self.registry.instances(model=model.name))
+        routable = self.routable_nodes(group, exclude_nodes)
+        active = [i for i in self.counted_instances(model.name, self.registry.instances(model=model.name), routable)
                   if i.state in ("ready", "loading") and i.node_id in routable]
         loading = [i for i in active if i.state == "loading"]
         if loading:  # one cold start at a time per model: concurrent requests wait for it
@@ -969,22 +978,20 @@ class Controller:
                              retry_after=self.settings.route_retry_after_seconds)
         return None
 
-    def counted_instances(self, model: str, instances: list[InstanceRecord]) -> list[InstanceRecord]:
+    def counted_instances(self, model: str, instances: list[InstanceRecord],
+                          nodes: dict[str, NodeRecord]) -> list[InstanceRecord]:
         """Those of `model`'s `instances` that count as its capacity (a cold start to wait for, one of min_instances
-        or max_instances): all but the next load of a pool that failed to load it (_failed_pools)."""
-        failed = self._failed_pools(model)
+        or max_instances): all but the next load of a pool among `nodes` that failed to load it (_failed_pools)."""
+        failed = self._failed_pools(model, nodes)
         return [i for i in instances if not (i.state == "loading" and i.node_id in failed)]
 
-    def _failed_pools(self, model: str) -> set[str]:
-        """Model pools whose agent reported a failed load of `model` since it registered. Their agent starts it
-        again by itself after each failure, and a load that fails late is loading nearly all the time: its next
-        load is no cold start to wait for (nor one of max_instances), the model starts elsewhere."""
+    def _failed_pools(self, model: str, nodes: dict[str, NodeRecord]) -> set[str]:
+        """Model pools among `nodes` whose agent reported a failed load of `model` since it registered. Their agent
+        starts it again by itself after each failure, and a load that fails late is loading nearly all the time:
+        its next load is no cold start to wait for (nor one of max_instances), the model starts elsewhere."""
         with self._failures_lock:
-            failed = [(f.node_id, f.failed_at) for f in self._failures.values() if f.model == model]
-        if not failed:
-            return set()
-        pools = {n.node_id: n for n in self.registry.nodes(states=ROUTABLE_NODE_STATES) if n.is_pool}
-        return {node_id for node_id, at in failed if node_id in pools and at >= pools[node_id].registered_at}
+            failed = [(node_id, at) for node_id, (m, at) in self._failed_pool_loads.items() if m == model]
+        return {node_id for node_id, at in failed if node_id in nodes and at >= nodes[node_id].registered_at}
 
     def _ask_agent(self, model: DeployedModel, node: NodeRecord, gpu_ids: list[int],
                    reservation: str) -> RouteWaiting:
