@@ -239,9 +239,15 @@ def could_be_node_key(value: str) -> bool:
     return len(value) == 2 * hashlib.sha256().digest_size and all(c in "0123456789abcdef" for c in value)
 
 
+def on_cluster_secret(credential_id: str | None) -> bool:
+    """Did a node with this stored credential_id register with the cluster secret (an operator-run node; None: a
+    row from before credentials), not with a node token?"""
+    return credential_id in (None, CLUSTER_CREDENTIAL)
+
+
 def worker_key(cluster_secret: str, credential_id: str | None, node_id: str) -> str:
     """The key a node's agent and workers hold: the cluster secret on an operator-run node, else its node key."""
-    if credential_id in (None, CLUSTER_CREDENTIAL):
+    if on_cluster_secret(credential_id):
         return cluster_secret
     return node_key(cluster_secret, credential_id, node_id)
 

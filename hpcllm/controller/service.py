@@ -107,6 +107,7 @@ from hpcllm.credentials import (
     check_registration,
     issue_ticket,
     mint_token,
+    on_cluster_secret,
     parse_token,
     secret_matches,
     visible_to,
@@ -1717,9 +1718,16 @@ class Controller:
                 log.warning("reconcile: node %s did not answer (%s)", node.node_id, exc)
                 continue
             # What its agent may announce, as for its heartbeats: a pool token's agent, its own model only.
-            credential = self.registry.get_credential(node.credential_id) if node.credential_id else None
+            principal = CLUSTER
+            if not on_cluster_secret(node.credential_id):
+                credential = self.registry.get_credential(node.credential_id)
+                if credential is None:  # its heartbeats get 401: it may announce nothing
+                    log.error("reconcile: the instance list of node %s is refused: it registered with token %s, "
+                              "which this controller does not hold", node.node_id, node.credential_id)
+                    continue
+                principal = _principal(credential)
             try:
-                check_models(CLUSTER if credential is None else _principal(credential), [i.model for i in instances])
+                check_models(principal, [i.model for i in instances])
             except CredentialError as exc:
                 log.error("reconcile: the instance list of node %s is refused: %s", node.node_id, exc)
                 continue

@@ -45,3 +45,27 @@ def test_a_restart_takes_no_instance_of_another_model_from_a_pool_tokens_agent(m
     assert [i.instance_id for i in h.registry.instances(model="secret")] == []
     with pytest.raises(NoCapacity):
         h.controller.route("secret", group="physics")
+
+
+def test_a_restart_takes_nothing_from_an_agent_whose_token_the_controller_no_longer_holds(make_harness):
+    """A node registered with a token whose record is gone (its heartbeats would get 401): a restarted controller
+    does not take that agent's instance list as the cluster secret's, which may announce any model."""
+    h = make_harness(allocate_on_demand=False)
+    h.deploy("m")
+    h.deploy("secret")
+    issued = h.controller.issue_pool_token(PoolTokenRequest(model="m", group="physics"))
+    h.backend.run_job("71", "pool1")
+    h.controller.register(NodeRegistration(node_id="pool1", agent_url="http://pool1:9000", slurm_job_id="71",
+                                           pool_model="m"), h.controller.authenticate_token(issued.token))
+    pool_instance(h, "pool1", "m", "pool-m-1")
+    h.agents._agent("http://pool1:9000").add(InstanceInfo(
+        instance_id="pool-secret-1", model="secret", state="ready", worker_url="http://pool1:9000/workers/x",
+        gpu_ids=[], load_tier="sharedfs", load_seconds=1.0))
+    with h.registry._tx() as db:  # the token's record is lost (a database restored from before it was issued)
+        db.execute("DELETE FROM credentials WHERE credential_id = ?", (issued.credential_id,))
+
+    restart(h)
+
+    assert [i.instance_id for i in h.registry.instances(model="secret")] == []
+    with pytest.raises(NoCapacity):
+        h.controller.route("secret")
