@@ -64,3 +64,20 @@ def test_an_idle_allocation_slurm_cannot_cancel_during_an_outage_keeps_serving(m
     h.backend.down = False
     h.heartbeat("n2", tier="sharedfs")
     assert ("cancel_idle_allocation", job) not in h.tick(4).kinds()  # it serves now: not idle
+
+
+def test_an_idle_allocation_slurm_could_not_cancel_is_cancelled_once_slurm_answers(make_harness):
+    """The cancel that failed during the outage is tried again: Slurm back, the node still idle, the next tick
+    cancels the allocation (it does not hold the node for ever)."""
+    h = make_harness(allocation_keep_alive_seconds=3)
+    model = h.deploy("m")
+    job = h.allocator.submit(model, [], h.clock.now)
+    h.backend.start(job, "n2", h.clock.now)
+    h.register("n2", job=job)
+    h.tick()
+    h.backend.down = True
+    assert ("cancel_idle_allocation", job) not in h.tick(4).kinds()
+    h.backend.down = False
+
+    assert ("cancel_idle_allocation", job) in h.tick(1).kinds()
+    assert h.registry.get_node("n2").state == "draining"
