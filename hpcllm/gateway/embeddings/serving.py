@@ -24,12 +24,14 @@ def create_embedding(gw: Gateway, ctx: RequestContext, req: EmbeddingRequest) ->
     encoder = gw.tokenizers.get(card)
     embeddings, prompt_tokens = pool_on_a_worker(gw, ctx, card, tokenize_inputs(encoder, card, req), None)
     return EmbeddingResponse(
-        data=[Embedding(embedding=_encode(e, req.encoding_format), index=i) for i, e in enumerate(embeddings)],
+        data=[Embedding(embedding=_encode(e, req.encoding_format, req.endianness), index=i)
+              for i, e in enumerate(embeddings)],
         model=card.name, usage=EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
     ).model_dump()
 
 
-def _encode(embedding: list[float], encoding_format: str) -> list[float] | str:
+def _encode(embedding: list[float], encoding_format: str, endianness: str) -> list[float] | str:
     if encoding_format == "float":
         return embedding
-    return base64.b64encode(struct.pack(f"<{len(embedding)}f", *embedding)).decode()
+    order = ">" if endianness == "big" else "<"
+    return base64.b64encode(struct.pack(f"{order}{len(embedding)}f", *embedding)).decode()

@@ -3,6 +3,9 @@ openai client."""
 
 from __future__ import annotations
 
+import base64
+import struct
+
 import pytest
 import torch
 
@@ -248,6 +251,22 @@ def test_embeddings_bad_input_is_refused(gateway):
     assert resp.status_code == 422 and resp.json()["error"]["param"] == "input"
     resp = gateway.post("/v1/embeddings", json={"model": MODEL, "input": "x", "dimensions": 8})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "dimensions"
+
+
+def test_embeddings_fields_that_would_change_the_vector_or_its_bytes_are_honoured_or_refused(gateway, hf_pair):
+    """vLLM's embed_dtype and use_activation (and its removed normalize) change what the client decodes: refused
+    by name unless neutral, never ignored; endianness "big" answers big-endian float32."""
+    ids = hf_pair[1](PROMPT)["input_ids"]
+    for field, value in (("embed_dtype", "float16"), ("use_activation", False), ("normalize", False)):
+        resp = gateway.post("/v1/embeddings", json={"model": MODEL, "input": "x", field: value})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == field, (field, resp.text)
+    neutral = gateway.post("/v1/embeddings", json={"model": MODEL, "input": ids, "embed_dtype": "float32",
+                                                    "use_activation": True, "endianness": "little"})
+    assert neutral.status_code == 200
+    big = gateway.post("/v1/embeddings", json={"model": MODEL, "input": ids, "encoding_format": "base64",
+                                                "endianness": "big"}).json()["data"][0]["embedding"]
+    floats = struct.unpack(f">{len(hf_embedding(hf_pair, ids))}f", base64.b64decode(big))
+    assert list(floats) == pytest.approx(hf_embedding(hf_pair, ids), abs=1e-5)
 
 
 PENALTIES = dict(frequency_penalty=1.5, presence_penalty=0.5, logit_bias={"17": 4.0, "3": -100})
