@@ -350,6 +350,9 @@ class StructuredOutputs(OpenAIRequest):
         if self.disable_additional_properties:
             raise unsupported("structured_outputs.disable_additional_properties", "disable_additional_properties")
         given = self.constraints()
+        if not given:  # vLLM's 400 too: a misspelt field must not leave the answer unconstrained
+            raise InvalidRequest("structured_outputs needs one constraint: json, json_object, regex, choice or "
+                                 "grammar", param="structured_outputs", code="invalid_value")
         if len(given) > 1:
             names = " and ".join(f"'{c.param.split('.')[1]}'" for c in given)
             raise InvalidRequest(f"structured_outputs takes one constraint, not {names}",

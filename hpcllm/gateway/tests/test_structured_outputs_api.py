@@ -134,6 +134,11 @@ def test_regex_choice_and_grammar_constrain_chat_and_completions(gateway, name):
     ({"structured_outputs": {"json": {"type": "object"}}, "response_format": {"type": "json_object"}}, 400,
      "invalid_value", "structured_outputs"),
     ({"guided_json": {"type": "objekt"}}, 400, "invalid_value", "guided_json"),
+    # no constraint at all (vLLM's 400 too): a misspelt field ("json_schema" for "json") would otherwise leave the
+    # answer free text
+    ({"structured_outputs": {}}, 400, "invalid_value", "structured_outputs"),
+    ({"structured_outputs": {"json_schema": {"type": "object"}, "disable_any_whitespace": True}}, 400,
+     "invalid_value", "structured_outputs"),
 ])
 def test_structured_outputs_that_cannot_be_done_are_refused_naming_the_field(gateway, body, status, code, param):
     for path, request in (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "hi"})):
