@@ -268,6 +268,12 @@ class ChatCompletionRequest(SamplingRequest):
             if not isinstance(own_defs, dict):
                 raise InvalidRequest(f"'$defs' in the parameters of function {name!r} must be an object",
                                      param=f"tools[{i}].function.parameters", code="invalid_value")
+            # A reference to the function's own root ("#", "#/properties/...") would mean the list of calls: the
+            # schema goes to the top's $defs too, its references rebased there.
+            own_root = f"{name}.parameters"
+            rebased = _rebased_refs({own_root: schema, **own_defs}, f"#/$defs/{own_root}")
+            if rebased != {own_root: schema, **own_defs}:
+                own_defs, schema = rebased, {"$ref": f"#/$defs/{own_root}"}
             for def_name, definition in own_defs.items():
                 if defs.setdefault(def_name, definition) != definition:
                     raise InvalidRequest(f"tools define '$defs/{def_name}' twice, differently; with tool_choice "
@@ -329,6 +335,17 @@ class ChatCompletionRequest(SamplingRequest):
     def template_messages(self) -> list[dict[str, Any]]:
         called = {call.id: call.function.name for message in self.messages for call in message.tool_calls or []}
         return [message.for_template(f"messages[{i}]", called) for i, message in enumerate(self.messages)]
+
+
+def _rebased_refs(schema: Any, root: str) -> Any:
+    """The schema with its references to its root ("#", "#/properties/...", not "#/$defs/...", which stay valid
+    where $defs moved) made references to `root` instead."""
+    if isinstance(schema, list):
+        return [_rebased_refs(item, root) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    return {key: root + value[1:] if key == "$ref" and isinstance(value, str) and value.startswith("#")
+            and not value.startswith("#/$defs/") else _rebased_refs(value, root) for key, value in schema.items()}
 
 
 def _is_named_function(choice: Any) -> bool:

@@ -459,6 +459,33 @@ def test_required_with_functions_that_use_defs():
     assert caught.value.param == "tools[1]" and "place" in caught.value.message
 
 
+# A tree: "#" is the function's own parameters schema (JSON Schema's root reference).
+TREE_TOOL = {"type": "function", "function": {"name": "plant", "parameters": {
+    "type": "object", "properties": {"name": {"type": "string"}, "children": {"type": "array", "items": {"$ref": "#"}}},
+    "required": ["name", "children"], "additionalProperties": False}}}
+
+
+def test_required_with_a_function_whose_schema_refers_to_its_own_root():
+    """The answer's schema nests each function's parameters in a list of calls: a reference to the root ("#",
+    "#/properties/...") still means the function's schema, so a nested tree is a valid call and a list of calls
+    in its place is not."""
+    from hpcllm.worker.grammar import GrammarState, grammar_compiler
+
+    req = _request(tools=[*TOOLS, TREE_TOOL], tool_choice="required")
+    req.check_supported()
+    tokenizer = make_tokenizer("hermes-tools")
+    compiler, grammar = grammar_compiler(tokenizer), req.constraint().grammar()
+
+    def allowed(answer: str) -> bool:
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        return GrammarState(grammar, compiler, []).extend(ids) is None
+
+    assert allowed('[{"name":"plant","parameters":{"name":"a","children":[{"name":"b","children":[]}]}}]')
+    assert not allowed('[{"name":"plant","parameters":{"name":"a","children":[[{"name":"get_time","parameters":{}}]]}}]')
+    assert allowed('[{"name":"get_time","parameters":{"zone":1}}]')  # the other functions as before
+    assert "$defs" not in TREE_TOOL["function"]["parameters"]  # the request's tools are left as they were
+
+
 def test_messages_reach_the_template_as_templates_read_them():
     """Arguments as objects (templates `tojson` them), no tool_calls key on other messages (Llama's and Hermes'
     templates test `'tool_calls' in message`), a tool answer named after the call it answers (Hermes' templates
