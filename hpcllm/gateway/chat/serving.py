@@ -153,8 +153,11 @@ def _max_calls(req: ChatCompletionRequest) -> int | None:
 
 def _finish_reason(calls: tuple[ParsedCall, ...], parser: ToolCallParser | None, finish_reason: str) -> str:
     """The format's (tool_calls) for an answer with calls; the generation's own when the last call was cut short
-    (its arguments not whole: "length" tells a client not to run it), or there are none."""
-    return (parser.finish_reason or finish_reason) if calls and calls[-1].complete else finish_reason
+    (its arguments not whole: "length" tells a client not to run it), a forced list of calls was (more may have
+    followed), or there are none."""
+    if not calls or not calls[-1].complete or (parser.cut_lists_end_with_length and finish_reason == "length"):
+        return finish_reason
+    return parser.finish_reason or finish_reason
 
 
 class ChatChoiceStream:

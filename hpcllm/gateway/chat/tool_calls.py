@@ -268,6 +268,9 @@ class ToolCallParser(ABC):
     # An answer with calls ends with this finish_reason (None: the generation's own, as OpenAI and vLLM end a named
     # function's call with "stop").
     finish_reason: str | None = "tool_calls"
+    # The answer is nothing but its list of calls (a forced "required" one): cut by max_tokens before the list
+    # closed, more calls may have followed, and its finish_reason stays "length" (vLLM's) even after a whole call.
+    cut_lists_end_with_length = False
     # Special tokens of the format, which the answer's text must keep (workers decode skipping special tokens).
     special_markers: tuple[str, ...] = ()
 
@@ -692,6 +695,7 @@ class RequiredCalls(ToolCallParser):
     name is written, as the model's own formats' calls."""
 
     name = "required"
+    cut_lists_end_with_length = True
 
     def calls(self, text: str, progress: Progress) -> tuple[ParsedCall, ...]:
         at = _skip_space(text, 0)

@@ -435,6 +435,13 @@ def test_a_forced_answer_cut_by_max_tokens_ends_with_length():
     streamed = _streamed_message(required, _token_deltas(cut, "length"), RequiredCalls())
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in streamed["tool_calls"]] == calls
     assert (streamed["content"], streamed["finish_reason"]) == (None, "length")
+    # cut between two calls (or in the second's name): the first whole, but the list was not: more may have come
+    for between in (REQUIRED_TWO_CALLS[:70], REQUIRED_TWO_CALLS[:84]):
+        choice = chat_choice(ChoiceResult(0, between, "length"), AnswerReader(RequiredCalls()), required)
+        assert [c.function.name for c in choice.message.tool_calls] == ["get_weather"]
+        assert choice.finish_reason == "length", between
+        streamed = _streamed_message(required, _token_deltas(between, "length"), RequiredCalls())
+        assert (len(streamed["tool_calls"]), streamed["finish_reason"]) == (1, "length")
     named = _request(tool_choice={"type": "function", "function": {"name": "get_time"}})
     choice = chat_choice(ChoiceResult(0, '{"timezone":"Eur', "length"), AnswerReader(NamedCall("get_time")),
                          named)
