@@ -249,6 +249,11 @@ UNIMPLEMENTED_VLLM_PARAMETERS: dict[str, tuple[Any, str, Callable[[Any], bool] |
                                    lambda req: req.logprobs is not None and req.logprobs is not False),
     "use_beam_search": (False, "beam search", None),  # and so its length_penalty, which only beam search reads
     "return_token_ids": (False, "the prompt's and the choice's token ids in each choice", None),
+    # vLLM's RepetitionDetectionParams: a max_pattern_size of 0 turns it off
+    "repetition_detection": (None, "ending the answer at a repeated n-gram",
+                             lambda req: not isinstance(req.repetition_detection, dict)
+                             or req.repetition_detection.get("max_pattern_size", 0) != 0),
+    "watermarking": (False, "watermarking the answer", None),
 }
 # How an error names each kind of constraint (hpcllm.worker.grammar.GRAMMAR_KINDS).
 CONSTRAINT_NAMES = {"json": "JSON schema", "regex": "regular expression", "choice": "choice", "grammar": "grammar"}
@@ -412,6 +417,8 @@ class SamplingRequest(TruncatingRequest):
     return_tokens_as_token_ids: Any = None
     use_beam_search: Any = None
     return_token_ids: Any = None
+    repetition_detection: Any = None
+    watermarking: Any = None
     # The vLLM extensions this endpoint refuses unless neutral (check_supported): a subclass adds its own.
     unimplemented_parameters: ClassVar[dict[str, tuple[Any, str, Callable[[Any], bool] | None]]] = (
         UNIMPLEMENTED_VLLM_PARAMETERS)
