@@ -175,13 +175,15 @@ def _object(config: dict, key: str) -> dict:
 
 
 def tokenize_input(encoder: PromptEncoder, card: ModelCard, text_or_ids: str | list[int], param: str,
-                   truncation: Truncation | None, pair: str | None = None, join: bool = False) -> list[int]:
-    """The token ids of one input (BOS added as vLLM does), truncated as asked, or a 400 naming param: empty,
-    outside the vocabulary, or longer than the model's context. pair: a cross-encoder's second text, tokenized as
-    the tokenizer's text pair (or, join, appended to the first text)."""
+                   truncation: Truncation | None, pair: str | None = None, join: bool = False,
+                   add_special_tokens: bool = True) -> list[int]:
+    """The token ids of one input (BOS added as vLLM does, unless add_special_tokens is false), truncated as asked,
+    or a 400 naming param: empty, outside the vocabulary, or longer than the model's context. pair: a
+    cross-encoder's second text, tokenized as the tokenizer's text pair (or, join, appended to the first text)."""
     if isinstance(text_or_ids, str) and pair is not None and join:
         text_or_ids, pair = text_or_ids + pair, None
-    ids = encoder.prompt_ids(text_or_ids, param, card.max_model_len, truncation, pair=pair).ids
+    ids = encoder.prompt_ids(text_or_ids, param, card.max_model_len, truncation, pair=pair,
+                             add_special_tokens=add_special_tokens).ids
     if not ids:
         raise InvalidRequest("the input is empty (no tokens after tokenization)", param=param, code="empty_prompt")
     if card.max_model_len is not None and len(ids) > card.max_model_len:
@@ -196,7 +198,8 @@ def tokenize_inputs(encoder: PromptEncoder, card: ModelCard, req: InputsRequest)
     `input` or `input[i]`, too many inputs before any is tokenized."""
     check_input_count(len(req.input), "input")
     truncation = encoder.truncation(req, card.max_model_len, generating=False)  # nothing generated: all of it
-    return [tokenize_input(encoder, card, text_or_ids, "input" if len(req.input) == 1 else f"input[{i}]", truncation)
+    return [tokenize_input(encoder, card, text_or_ids, "input" if len(req.input) == 1 else f"input[{i}]", truncation,
+                           add_special_tokens=req.add_special_tokens)
             for i, text_or_ids in enumerate(req.input)]
 
 

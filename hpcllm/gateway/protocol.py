@@ -223,6 +223,8 @@ class InputsRequest(TruncatingRequest):
     model: str | None = Field(None, min_length=1)  # none: the one served model that answers (as vLLM's one model)
     # After validation: a list of inputs, each a str or a list of token ids.
     input: Any
+    # vLLM's: false encodes a text without the tokenizer's special tokens (BOS, CLS/SEP); token ids are as given.
+    add_special_tokens: bool = True
 
     @field_validator("input")
     @classmethod

@@ -269,6 +269,34 @@ def test_embeddings_fields_that_would_change_the_vector_or_its_bytes_are_honoure
     assert list(floats) == pytest.approx(hf_embedding(hf_pair, ids), abs=1e-5)
 
 
+def test_embeddings_take_add_special_tokens(make_gateway, tmp_path, worker_url, tiny_model_dir, hf_pair):
+    """vLLM's add_special_tokens (default true): false embeds the text without the special tokens the tokenizer
+    adds (here a BOS: the tiny model's tokenizer given Llama's post-processor; the same weights on the worker)."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    source = shutil.copytree(tiny_model_dir, tmp_path / "tiny-bos")
+    tokenizer_json = json.loads((source / "tokenizer.json").read_text())
+    bos = hf_pair[1].bos_token
+    tokenizer_json["post_processor"] = {
+        "type": "TemplateProcessing", "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                                                 {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [hf_pair[1].bos_token_id], "tokens": [bos]}}}
+    (source / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    bare, with_bos = (tokenizer(PROMPT, add_special_tokens=add)["input_ids"] for add in (False, True))
+    assert with_bos == [hf_pair[1].bos_token_id, *bare]
+    gateway = make_gateway(static_models={"tiny-bos": {"worker_url": worker_url, "source": str(source)}})
+    for add, ids in ((False, bare), (True, with_bos), (None, with_bos)):
+        body = {"model": "tiny-bos", "input": PROMPT, "encoding_format": "float"}
+        resp = gateway.post("/v1/embeddings", json=body if add is None else {**body, "add_special_tokens": add})
+        assert resp.json()["data"][0]["embedding"] == pytest.approx(hf_embedding(hf_pair, ids), abs=1e-5), add
+        assert resp.json()["usage"]["prompt_tokens"] == len(ids)
+
+
 PENALTIES = dict(frequency_penalty=1.5, presence_penalty=0.5, logit_bias={"17": 4.0, "3": -100})
 VLLM_PENALTIES = {"repetition_penalty": 1.3, "min_p": 0.1}
 
