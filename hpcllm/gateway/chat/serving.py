@@ -15,7 +15,7 @@ from hpcllm.gateway.chat.protocol import (AssistantMessage, ChatChoice, ChatComp
                                           DeltaMessage, DeltaToolCall, FunctionCallOut, ToolCallOut)
 from hpcllm.gateway.chat.reasoning import ReasoningParser
 from hpcllm.gateway.chat.tool_calls import (CallPiece, NamedCall, ParsedCall, ParsedOutput, RequiredCalls,
-                                            ToolCallParser, ToolCallStream, new_tool_call_id)
+                                            ToolCallParser, ToolCallStream)
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.protocol import UsageInfo
 from hpcllm.gateway.routing import ModelCard
@@ -140,7 +140,7 @@ def chat_choice(result: ChoiceResult, reader: AnswerReader, req: ChatCompletionR
     calls = parsed.calls[:_max_calls(req)]
     return ChatChoice(index=result.index, message=AssistantMessage(
         content=content, reasoning=None if hidden else reasoning,
-        tool_calls=[ToolCallOut(id=new_tool_call_id(), function=FunctionCallOut(name=call.name,
+        tool_calls=[ToolCallOut(id=parser.new_call_id(), function=FunctionCallOut(name=call.name,
                                                                                 arguments=call.arguments))
                     for call in calls]),
         finish_reason=_finish_reason(calls, parser, result.finish_reason), logprobs=logprobs,
@@ -214,7 +214,7 @@ class ChatChoiceStream:
         if piece.name is None:
             call = DeltaToolCall(index=piece.index, function=DeltaFunctionCall(arguments=piece.arguments))
         else:
-            call = DeltaToolCall(index=piece.index, id=new_tool_call_id(), type="function",
+            call = DeltaToolCall(index=piece.index, id=self.text.parser.new_call_id(), type="function",
                                  function=DeltaFunctionCall(name=piece.name, arguments=piece.arguments))
         return ChatStreamChoice(index=index, delta=DeltaMessage(tool_calls=[call]), logprobs=logprobs)
 

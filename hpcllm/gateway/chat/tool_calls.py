@@ -44,6 +44,8 @@ import ast
 import json
 import math
 import re
+import secrets
+import string
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -63,6 +65,10 @@ class ParsedCall:
 class ParsedOutput:
     content: str | None
     calls: tuple[ParsedCall, ...] = ()
+
+
+# Mistral's call ids: 9 of these (MistralParser.new_call_id).
+MISTRAL_ID_CHARACTERS = string.ascii_letters + string.digits
 
 
 def new_tool_call_id() -> str:
@@ -301,6 +307,10 @@ class ToolCallParser(ABC):
         whose values are text reads them by their schema types."""
         return self
 
+    def new_call_id(self) -> str:
+        """A new id for one of the answer's calls."""
+        return new_tool_call_id()
+
 
 def sendable_before(text: str, sent: int, markers: tuple[str, ...]) -> int | None:
     """For a format whose calls start with one of `markers`, anywhere after some text: None once one is in `text`;
@@ -427,6 +437,11 @@ class MistralParser(ToolCallParser):
 
     def sendable(self, text: str, sent: int) -> int | None:
         return sendable_before(text, sent, (self.START,))
+
+    def new_call_id(self) -> str:
+        """9 letters or digits: Mistral's templates (and mistral_common) refuse any other id when the call comes back
+        in the next turn's history (vLLM's MistralToolCall ids)."""
+        return "".join(secrets.choice(MISTRAL_ID_CHARACTERS) for _ in range(9))
 
 
 class PythonicParser(ToolCallParser):

@@ -8,6 +8,7 @@ or deployed through a real controller."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -149,6 +150,14 @@ def test_mistral_calls_whose_markers_are_special_tokens(mistral_gw, mistral_scri
     assert content == "Checking."
     assert [(name, json.loads(arguments)) for name, arguments in streamed] == HERMES_CALLS
     assert "[AVAILABLE_TOOLS]" in mistral_script.tokenizer.decode(mistral_script.prompts[-1])
+
+    # Mistral's templates (v3: Mistral 7B v0.3, Mixtral, Nemo) and mistral_common refuse any other call id than 9
+    # letters or digits when the calls come back in the next turn's history: vLLM's parser writes such ids too.
+    streamed_ids = [call.id for chunk in client.chat.completions.create(model=MISTRAL, messages=ASK, tools=weather,
+                                                                         stream=True)
+                    for c in chunk.choices for call in c.delta.tool_calls or [] if call.id]
+    for ids in ([call.id for call in choice.message.tool_calls], streamed_ids):
+        assert len(ids) == 2 and len(set(ids)) == 2 and all(re.fullmatch(r"[A-Za-z0-9]{9}", i) for i in ids), ids
 
     plain = client.chat.completions.create(model=MISTRAL, messages=ASK, tools=weather, tool_choice="none").choices[0]
     tokenizer = mistral_script.tokenizer
