@@ -339,13 +339,17 @@ class ChatCompletionRequest(SamplingRequest):
 
 def _rebased_refs(schema: Any, root: str) -> Any:
     """The schema with its references to its root ("#", "#/properties/...", not "#/$defs/...", which stay valid
-    where $defs moved) made references to `root` instead."""
+    where $defs moved, nor an anchor's "#name") made references to `root` instead."""
     if isinstance(schema, list):
         return [_rebased_refs(item, root) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    return {key: root + value[1:] if key == "$ref" and isinstance(value, str) and value.startswith("#")
-            and not value.startswith("#/$defs/") else _rebased_refs(value, root) for key, value in schema.items()}
+    return {key: root + value[1:] if key == "$ref" and _points_into_root(value) else _rebased_refs(value, root)
+            for key, value in schema.items()}
+
+
+def _points_into_root(ref: Any) -> bool:
+    return isinstance(ref, str) and (ref == "#" or ref.startswith("#/")) and not ref.startswith("#/$defs/")
 
 
 def _is_named_function(choice: Any) -> bool:

@@ -496,6 +496,10 @@ def test_required_with_a_function_whose_schema_refers_to_its_own_root():
     assert not allowed('[{"name":"plant","parameters":{"name":"a","children":[[{"name":"get_time","parameters":{}}]]}}]')
     assert allowed('[{"name":"get_time","parameters":{"zone":1}}]')  # the other functions as before
     assert "$defs" not in TREE_TOOL["function"]["parameters"]  # the request's tools are left as they were
+    anchored = {"type": "function", "function": {"name": "tag", "parameters": {  # "#name": an anchor, no pointer
+        "type": "object", "properties": {"x": {"$ref": "#level"}, "y": {"$ref": "#"}},
+        "$defs": {"level": {"$anchor": "level", "enum": [1, 2]}}}}}
+    _request(tools=[anchored], tool_choice="required").check_supported()
 
 
 def test_messages_reach_the_template_as_templates_read_them():
