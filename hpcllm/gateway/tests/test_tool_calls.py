@@ -493,7 +493,8 @@ def test_required_with_a_function_whose_schema_refers_to_its_own_root():
         return GrammarState(grammar, compiler, []).extend(ids) is None
 
     assert allowed('[{"name":"plant","parameters":{"name":"a","children":[{"name":"b","children":[]}]}}]')
-    assert not allowed('[{"name":"plant","parameters":{"name":"a","children":[[{"name":"get_time","parameters":{}}]]}}]')
+    calls_in_place = '[{"name":"get_time","parameters":{}}]'
+    assert not allowed('[{"name":"plant","parameters":{"name":"a","children":[' + calls_in_place + ']}}]')
     assert allowed('[{"name":"get_time","parameters":{"zone":1}}]')  # the other functions as before
     assert "$defs" not in TREE_TOOL["function"]["parameters"]  # the request's tools are left as they were
     anchored = {"type": "function", "function": {"name": "tag", "parameters": {  # "#name": an anchor, no pointer
