@@ -255,7 +255,6 @@ UNIMPLEMENTED_VLLM_PARAMETERS: dict[str, tuple[Any, str, Callable[[Any], bool] |
     "repetition_detection": (None, "ending the answer at a repeated n-gram",
                              lambda req: not isinstance(req.repetition_detection, dict)
                              or req.repetition_detection.get("max_pattern_size", 0) != 0),
-    "watermarking": (False, "watermarking the answer", None),
 }
 # How an error names each kind of constraint (hpcllm.worker.grammar.GRAMMAR_KINDS).
 CONSTRAINT_NAMES = {"json": "JSON schema", "regex": "regular expression", "choice": "choice", "grammar": "grammar"}
@@ -420,7 +419,8 @@ class SamplingRequest(TruncatingRequest):
     use_beam_search: Any = None
     return_token_ids: Any = None
     repetition_detection: Any = None
-    watermarking: Any = None
+    # vLLM's watermarking is not here: it only opts a request out of the server's --watermark-config, and with none
+    # (hpcllm has none) vLLM answers unmarked, true or not; so it is an ignored field, as there.
     # The vLLM extensions this endpoint refuses unless neutral (check_supported): a subclass adds its own.
     unimplemented_parameters: ClassVar[dict[str, tuple[Any, str, Callable[[Any], bool] | None]]] = (
         UNIMPLEMENTED_VLLM_PARAMETERS)
