@@ -115,12 +115,12 @@ def chat_usage(generation: Generation, reader: AnswerReader) -> UsageInfo:
 
 
 def _parser(req: ChatCompletionRequest, encoder: PromptEncoder, card: ModelCard) -> ToolCallParser | None:
-    """What reads the calls out of the answer: a forced call's own JSON, else the model's format (its config's, or its
-    template's; None: "none")."""
+    """What reads the calls out of the answer: a forced call's own JSON (its ids in the model's format's shape), else
+    the model's format (its config's, or its template's; None: "none")."""
     if req.forced_function is not None:
-        return NamedCall(req.forced_function)
+        return NamedCall(req.forced_function, encoder.tool_call_format(card.tool_call_parser))
     if req.tool_choice == "required":
-        return RequiredCalls()
+        return RequiredCalls(encoder.tool_call_format(card.tool_call_parser))
     if not req.parses_tool_calls:
         return None
     return encoder.tool_call_parser(card.tool_call_parser).for_tools(req.parameters_by_name())

@@ -688,14 +688,26 @@ def _finite_float(text: str) -> float:
     return number
 
 
-class NamedCall(ToolCallParser):
+class ForcedCalls(ToolCallParser):
+    """A forced answer's calls (tool_choice "required" or a named function), their ids in the shape of the model's
+    own format (`ids`; None: OpenAI's), as its template takes them back in the next turn (Mistral's 9 characters)."""
+
+    def __init__(self, ids: ToolCallParser | None = None):
+        self.ids = ids
+
+    def new_call_id(self) -> str:
+        return self.ids.new_call_id() if self.ids is not None else super().new_call_id()
+
+
+class NamedCall(ForcedCalls):
     """tool_choice {"type": "function", "function": {"name": ...}}: the answer is that function's arguments (cut
     short when the answer hit max_tokens: finish_reason "length" says so, as vLLM returns it)."""
 
     name = "named"
     finish_reason = None
 
-    def __init__(self, function: str):
+    def __init__(self, function: str, ids: ToolCallParser | None = None):
+        super().__init__(ids)
         self.function = function
 
     def calls(self, text: str, progress: Progress) -> tuple[ParsedCall, ...]:
@@ -705,7 +717,7 @@ class NamedCall(ToolCallParser):
         return None  # all of it is the call
 
 
-class RequiredCalls(ToolCallParser):
+class RequiredCalls(ForcedCalls):
     """tool_choice "required": the answer is a JSON list of {"name": ..., "parameters": {...}}, each a call once its
     name is written, as the model's own formats' calls."""
 
@@ -733,6 +745,17 @@ _PYTHONIC_EXAMPLE = "[func_name1(params_name1=params_value1"
 def parser_for_template(template: str) -> ToolCallParser:
     """The tool-call format of a chat template (that renders tools) when its text names exactly one known format;
     else a 400: guessing wrong would return a model's calls as plain text."""
+    found = template_formats(template)
+    if len(found) != 1:
+        raise InvalidRequest(
+            "this model's chat template renders tools but writes tool calls in no format this server knows "
+            f"(it reads {', '.join(PARSERS)}); send the request without 'tools'", param="tools",
+            code="unsupported_parameter")
+    return found[0]
+
+
+def template_formats(template: str) -> list[ToolCallParser]:
+    """The known tool-call formats a chat template's text names."""
     found = []
     if "<tool_call>" in template:  # Qwen3-Coder's XML calls are inside <tool_call> too
         found.append(PARSERS["qwen3_coder" if "<function=" in template else "hermes"])
@@ -743,12 +766,7 @@ def parser_for_template(template: str) -> ToolCallParser:
     elif any(header in template for header in _LLAMA_HEADERS) and (
             "<|python_tag|>" in template or '"parameters"' in template):
         found.append(PARSERS["llama3_json"])
-    if len(found) != 1:
-        raise InvalidRequest(
-            "this model's chat template renders tools but writes tool calls in no format this server knows "
-            f"(it reads {', '.join(PARSERS)}); send the request without 'tools'", param="tools",
-            code="unsupported_parameter")
-    return found[0]
+    return found
 
 
 class ToolCallStream:

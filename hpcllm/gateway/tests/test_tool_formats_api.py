@@ -120,6 +120,7 @@ def test_a_deployed_models_format_reaches_the_gateway(tmp_path, model_dir, worke
 
 
 MISTRAL = "tiny-mistral"
+MISTRAL_ID = r"[A-Za-z0-9]{9}"  # a call id of Mistral's (its templates refuse any other in the history)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def test_mistral_calls_whose_markers_are_special_tokens(mistral_gw, mistral_scri
                                                                          stream=True)
                     for c in chunk.choices for call in c.delta.tool_calls or [] if call.id]
     for ids in ([call.id for call in choice.message.tool_calls], streamed_ids):
-        assert len(ids) == 2 and len(set(ids)) == 2 and all(re.fullmatch(r"[A-Za-z0-9]{9}", i) for i in ids), ids
+        assert len(ids) == 2 and len(set(ids)) == 2 and all(re.fullmatch(MISTRAL_ID, i) for i in ids), ids
 
     plain = client.chat.completions.create(model=MISTRAL, messages=ASK, tools=weather, tool_choice="none").choices[0]
     tokenizer = mistral_script.tokenizer
@@ -165,6 +166,28 @@ def test_mistral_calls_whose_markers_are_special_tokens(mistral_gw, mistral_scri
                                    skip_special_tokens=True)
     assert plain.message.content == worker_text
     assert "[TOOL_CALLS]" not in plain.message.content and plain.message.tool_calls == []
+
+
+@pytest.mark.parametrize("tool_choice, answer", [
+    ("required", '[{"name": "get_weather", "parameters": {"city": "Paris"}}, '
+                 '{"name": "get_time", "parameters": {"timezone": "Europe/Paris"}}]'),
+    ({"type": "function", "function": {"name": "get_weather"}}, '{"city": "Paris"}'),
+])
+def test_a_mistral_models_forced_calls_have_mistral_ids(mistral_gw, mistral_script, tool_choice, answer):
+    """A forced answer (tool_choice "required" or a named function) is JSON, no format of the model's, but its calls
+    come back in the next turn's history all the same: their ids are the 9 letters or digits Mistral's templates take
+    (vLLM's MistralToolCall for any call of a Mistral model), whole and streamed."""
+    mistral_script.answer = answer
+    tools = [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+             for name in ("get_weather", "get_time")]
+    client = mistral_gw.client()
+    whole = client.chat.completions.create(model=MISTRAL, messages=ASK, tools=tools, tool_choice=tool_choice)
+    streamed = [call.id for chunk in client.chat.completions.create(model=MISTRAL, messages=ASK, tools=tools,
+                                                                    tool_choice=tool_choice, stream=True)
+                for c in chunk.choices for call in c.delta.tool_calls or [] if call.id]
+    calls = 2 if tool_choice == "required" else 1
+    for ids in ([call.id for call in whole.choices[0].message.tool_calls], streamed):
+        assert len(set(ids)) == calls and all(re.fullmatch(MISTRAL_ID, i) for i in ids), ids
 
 
 # ------------------------------------------------------------------------------- calls streamed as they are written
