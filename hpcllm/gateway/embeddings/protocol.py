@@ -14,7 +14,8 @@ class EmbeddingRequest(InputsRequest):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
-    # vLLM's: base64's byte order ("native" is the server's, little-endian here) and its number type.
+    # vLLM's: base64's byte order ("native" is the server's, little-endian here) and its number type (both ignored
+    # for "float", as vLLM ignores them).
     endianness: Literal["native", "little", "big"] = "native"
     embed_dtype: str = "float32"
     # vLLM's switch off the L2 normalization (normalize: its older name, which vLLM 0.32 refuses); the worker
@@ -25,8 +26,8 @@ class EmbeddingRequest(InputsRequest):
     def check_supported(self) -> None:
         if self.dimensions is not None:
             raise unsupported("dimensions", "shortening embeddings (dimensions)")
-        if self.embed_dtype != "float32":
-            raise unsupported("embed_dtype", f"embeddings as {self.embed_dtype!r} (only float32)")
+        if self.embed_dtype != "float32" and self.encoding_format == "base64":
+            raise unsupported("embed_dtype", f"base64 embeddings as {self.embed_dtype!r} (only float32)")
         for field in ("use_activation", "normalize"):
             if getattr(self, field) is False:
                 raise unsupported(field, "embeddings without L2 normalization")

@@ -254,12 +254,19 @@ def test_embeddings_bad_input_is_refused(gateway):
 
 
 def test_embeddings_fields_that_would_change_the_vector_or_its_bytes_are_honoured_or_refused(gateway, hf_pair):
-    """vLLM's embed_dtype and use_activation (and its removed normalize) change what the client decodes: refused
-    by name unless neutral, never ignored; endianness "big" answers big-endian float32."""
+    """vLLM's embed_dtype (of base64's bytes) and use_activation (and its removed normalize) change what the client
+    decodes: refused by name unless neutral, never ignored; endianness "big" answers big-endian float32. Floats
+    are floats whatever the embed_dtype (vLLM's: it only shapes base64 and bytes)."""
     ids = hf_pair[1](PROMPT)["input_ids"]
-    for field, value in (("embed_dtype", "float16"), ("use_activation", False), ("normalize", False)):
-        resp = gateway.post("/v1/embeddings", json={"model": MODEL, "input": "x", field: value})
+    for extra in ({"embed_dtype": "float16", "encoding_format": "base64"}, {"use_activation": False},
+                  {"normalize": False}):
+        resp = gateway.post("/v1/embeddings", json={"model": MODEL, "input": "x", **extra})
+        field = next(iter(extra))
         assert resp.status_code == 400 and resp.json()["error"]["param"] == field, (field, resp.text)
+    as_floats = gateway.post("/v1/embeddings", json={"model": MODEL, "input": ids, "embed_dtype": "float16",
+                                                      "encoding_format": "float"})
+    assert as_floats.status_code == 200, as_floats.text
+    assert as_floats.json()["data"][0]["embedding"] == pytest.approx(hf_embedding(hf_pair, ids), abs=1e-5)
     neutral = gateway.post("/v1/embeddings", json={"model": MODEL, "input": ids, "embed_dtype": "float32",
                                                     "use_activation": True, "endianness": "little"})
     assert neutral.status_code == 200
