@@ -421,6 +421,9 @@ class ChatChoice(OpenAIResponse):
     finish_reason: FinishReason
     # vLLM's: the stop string (or stop token id) that ended the choice; null otherwise (an end of sequence, length)
     stop_reason: str | int | None = None
+    # Not sent: the last of message.tool_calls stops before its end, its arguments not whole (a Responses API
+    # function_call item "incomplete"); a "length" answer's calls may all be whole (a forced list cut between two).
+    last_call_cut: bool = Field(False, exclude=True)
 
 
 class CompletionTokensDetails(OpenAIResponse):
@@ -458,6 +461,7 @@ class ChatStreamChoice(OpenAIResponse):
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # as ChatChoice's, on the chunk with finish_reason
+    last_call_cut: bool = Field(False, exclude=True)  # as ChatChoice's (not sent), on the chunk with finish_reason
 
 
 class ChatCompletionChunk(OpenAIResponse):

@@ -144,7 +144,7 @@ def chat_choice(result: ChoiceResult, reader: AnswerReader, req: ChatCompletionR
                                                                                 arguments=call.arguments))
                     for call in calls]),
         finish_reason=_finish_reason(calls, parser, result.finish_reason), logprobs=logprobs,
-        stop_reason=result.stop_reason)
+        stop_reason=result.stop_reason, last_call_cut=_last_call_cut(calls, parser, result.finish_reason))
 
 
 def _max_calls(req: ChatCompletionRequest) -> int | None:
@@ -158,6 +158,12 @@ def _finish_reason(calls: tuple[ParsedCall, ...], parser: ToolCallParser | None,
     if not calls or not calls[-1].complete or (parser.cut_lists_end_with_length and finish_reason == "length"):
         return finish_reason
     return parser.finish_reason or finish_reason
+
+
+def _last_call_cut(calls: tuple[ParsedCall, ...], parser: ToolCallParser | None, finish_reason: str) -> bool:
+    """Whether the answer's last call stops before its end: its text does, or it is a named function's call, the
+    whole answer, and max_tokens ended that."""
+    return bool(calls) and (not calls[-1].complete or (isinstance(parser, NamedCall) and finish_reason == "length"))
 
 
 class ChatChoiceStream:
@@ -207,7 +213,8 @@ class ChatChoiceStream:
         parser = self.text.parser if self.text is not None else None
         yield ChatStreamChoice(index=index, delta=DeltaMessage(),
                                finish_reason=_finish_reason(calls, parser, delta.finish_reason),
-                               stop_reason=delta.stop_reason)
+                               stop_reason=delta.stop_reason,
+                               last_call_cut=_last_call_cut(calls, parser, delta.finish_reason))
 
     def _call_chunk(self, index: int, piece: CallPiece, logprobs: ChatLogprobs | None = None) -> ChatStreamChoice:
         """A call's piece: its first with a new id, type and name."""

@@ -309,8 +309,8 @@ class ResponseBuilder:
             self.output.append(OutputMessage(id=new_item_id("msg"), status=text_ended,
                                              content=[OutputText(text=message.content or "")]))
         self.output += [FunctionCallItem.of(new_item_id("fc"), call) for call in message.tool_calls]
-        if message.tool_calls:
-            self.output[-1].status = status  # "incomplete": the last call cut short
+        if choice.last_call_cut:
+            self.output[-1].status = status  # "incomplete": cut short by max_output_tokens
         body = self.response(status, usage)
         self.keep(body)
         return body
@@ -348,7 +348,7 @@ class ResponseBuilder:
         if not self.output and self.message is None and self.call is None:  # an empty answer is still a message
             yield from self._open_message()
         yield from self._close_message(status)
-        yield from self._close_call(status)
+        yield from self._close_call(status if chunk.last_call_cut else "completed")
         final = self.response(status, usage())
         self.keep(final)  # before the event: a client may chain on the id as soon as it reads it
         yield self._event(f"response.{status}", response=final)

@@ -13,7 +13,7 @@ import pydantic
 import pytest
 
 from hpcllm.gateway.chat.serving import AnswerReader, ChatChoiceStream, chat_choice
-from hpcllm.gateway.chat.tool_calls import PARSERS
+from hpcllm.gateway.chat.tool_calls import PARSERS, NamedCall, RequiredCalls
 from hpcllm.gateway.errors import ServiceUnavailable
 from hpcllm.gateway.protocol import UsageInfo, unsupported
 from hpcllm.gateway.responses.protocol import ResponsesRequest, renamed_for_responses
@@ -28,7 +28,7 @@ from .test_openai_api import chat_prompt_ids, hf_greedy
 from .test_tool_calling_api import ROUND, TOOLS_MODEL, WEATHER_TOOL, gw, prompt_tokens, tools_model_dir  # noqa: F401
 from .test_tool_calling_api import ASK, PAINT_TOOL, TRIP_TOOL, check_arguments
 from .test_tool_calling_api import tools_tokenizer  # noqa: F401
-from .test_tool_calls import QWEN_TWO_CALLS, _token_deltas
+from .test_tool_calls import QWEN_TWO_CALLS, REQUIRED_TWO_CALLS, _token_deltas
 
 INSTRUCTIONS = "be brief"
 QUESTION = "hello world"
@@ -350,6 +350,28 @@ def test_a_call_cut_short_is_an_incomplete_function_call_item_whole_and_streamed
     deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"
               and e["item_id"] == cut["id"]]
     assert len(deltas) > 1 and "".join(deltas) == cut["arguments"]
+
+
+@pytest.mark.parametrize("tool_choice, text, parser, statuses", [
+    # cut between two calls: the response is incomplete (more calls may have followed), its one call is whole
+    ("required", REQUIRED_TWO_CALLS[:70], RequiredCalls(), ["completed"]),
+    ("required", REQUIRED_TWO_CALLS[:108], RequiredCalls(), ["completed", "incomplete"]),  # in the second's arguments
+    ({"type": "function", "name": "get_time"}, '{"timezone": "Eur', NamedCall("get_time"), ["incomplete"]),
+])
+def test_a_forced_answer_cut_short_marks_only_a_cut_call_incomplete(tool_choice, text, parser, statuses):
+    """max_output_tokens ending a forced answer: the response is "incomplete"; a function_call item is "incomplete"
+    only when its own arguments were cut, whole and streamed."""
+    req = _request(stream=True, tool_choice=tool_choice)
+    chat_req = req.to_chat()
+    whole = ResponseBuilder(req, "resp_1", 0).whole(
+        chat_choice(ChoiceResult(0, text, "length"), AnswerReader(parser), chat_req), UsageInfo())
+    events = _events(b"".join(ResponseBuilder(req, "resp_2", 0).events(
+        iter(_token_deltas(text, "length")), ChatChoiceStream(AnswerReader(parser), chat_req), UsageInfo,
+        "request-1")))
+    for response in whole, events[-1]["response"]:
+        assert response["status"] == "incomplete"
+        assert [(item["type"], item["status"]) for item in response["output"]] == [
+            ("function_call", status) for status in statuses]
 
 
 def test_an_error_mid_stream_is_an_error_event():
