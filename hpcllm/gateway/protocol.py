@@ -326,6 +326,8 @@ class StructuredOutputs(OpenAIRequest):
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
     whitespace_pattern: Any = None
+    # The fields that give a constraint (constraints), as errors list them.
+    CONSTRAINT_FIELDS: ClassVar[tuple[str, ...]] = ("json", "json_object", "regex", "choice", "grammar")
 
     def constraints(self) -> list[Constraint]:
         """The constraints given (check: one at most); a 400 when `json` is no schema."""
@@ -348,17 +350,20 @@ class StructuredOutputs(OpenAIRequest):
                                  param="structured_outputs.json", code="invalid_value")
         return schema
 
+    def _fields(self, conjunction: str) -> str:
+        *first, last = self.CONSTRAINT_FIELDS
+        return f"{', '.join(first)} {conjunction} {last}"
+
     def check(self) -> None:
         for name in ("structural_tag", "whitespace_pattern"):
             if getattr(self, name) is not None:
-                raise unsupported(f"structured_outputs.{name}", f"a {name} (json, json_object, regex, choice and "
-                                                               "grammar are)")
+                raise unsupported(f"structured_outputs.{name}", f"a {name} ({self._fields('and')} are)")
         if self.disable_additional_properties:
             raise unsupported("structured_outputs.disable_additional_properties", "disable_additional_properties")
         given = self.constraints()
         if not given:  # vLLM's 400 too: a misspelt field must not leave the answer unconstrained
-            raise InvalidRequest("structured_outputs needs one constraint: json, json_object, regex, choice or "
-                                 "grammar", param="structured_outputs", code="invalid_value")
+            raise InvalidRequest(f"structured_outputs needs one constraint: {self._fields('or')}",
+                                 param="structured_outputs", code="invalid_value")
         if len(given) > 1:
             names = " and ".join(f"'{c.param.split('.')[1]}'" for c in given)
             raise InvalidRequest(f"structured_outputs takes one constraint, not {names}",
