@@ -312,18 +312,18 @@ def _streamed_message(req: ChatCompletionRequest, deltas: list[Delta], parser=No
             "arguments_before_the_end": [call["function"]["arguments"] for call in early["tool_calls"]]}
 
 
-# A call's id: OpenAI's shape, or (mistral) the 9 letters or digits Mistral's templates take back.
-CALL_ID = r"call_[0-9a-f]{24}|[A-Za-z0-9]{9}"
+# A call's id: OpenAI's shape; a mistral format model's, the 9 letters or digits Mistral's templates take back.
+OPENAI_CALL_ID, MISTRAL_CALL_ID = r"call_[0-9a-f]{24}", r"[A-Za-z0-9]{9}"
 
 
-def _message_of(chunks: list[dict]) -> dict:
+def _message_of(chunks: list[dict], call_id: str = OPENAI_CALL_ID) -> dict:
     """As OpenAI's clients add chunks up: content pieces joined, a tool_calls delta with a new index a new call (its
-    id, type and name), one with an index seen adds to that call's arguments."""
+    id, of the format's shape `call_id`, type and name), one with an index seen adds to that call's arguments."""
     content = [c["delta"]["content"] for c in chunks if "content" in c["delta"]]
     calls: list[dict] = []
     for piece in (call for c in chunks for call in c["delta"].get("tool_calls", [])):
         if piece["index"] == len(calls):
-            assert re.fullmatch(CALL_ID, piece["id"]) and piece["type"] == "function" and piece["function"]["name"]
+            assert re.fullmatch(call_id, piece["id"]) and piece["type"] == "function" and piece["function"]["name"]
             calls.append({**piece, "function": dict(piece["function"])})
         else:
             assert set(piece) == {"index", "function"} and set(piece["function"]) == {"arguments"}
@@ -333,7 +333,7 @@ def _message_of(chunks: list[dict]) -> dict:
 
 def _without_ids(calls: list[dict]) -> list[dict]:
     for call in calls:
-        assert re.fullmatch(CALL_ID, call["id"]) and call["type"] == "function"
+        assert re.fullmatch(OPENAI_CALL_ID, call["id"]) and call["type"] == "function"
     return [{"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])}
             for call in calls]
 

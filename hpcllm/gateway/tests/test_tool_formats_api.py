@@ -17,7 +17,7 @@ from hpcllm.httpkit.tests.thread_server import ThreadServer
 from .conftest import MODEL, GatewayFactory, scripted_gateway
 from .stand_in_worker import Script, scripted_worker_app
 from .test_controller_router import InProcessAgents, serve_controller
-from .test_tool_calls import MISTRAL_TWO_CALLS, QWEN_TWO_CALLS, _message_of
+from .test_tool_calls import MISTRAL_CALL_ID, MISTRAL_TWO_CALLS, OPENAI_CALL_ID, QWEN_TWO_CALLS, _message_of
 
 CODER = "tiny-coder"
 ASK = [{"role": "user", "content": "Weather in Paris for three days?"}]
@@ -120,7 +120,6 @@ def test_a_deployed_models_format_reaches_the_gateway(tmp_path, model_dir, worke
 
 
 MISTRAL = "tiny-mistral"
-MISTRAL_ID = r"[A-Za-z0-9]{9}"  # a call id of Mistral's (its templates refuse any other in the history)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +146,7 @@ def test_mistral_calls_whose_markers_are_special_tokens(mistral_gw, mistral_scri
     assert (choice.finish_reason, choice.message.content) == ("tool_calls", "Checking.")
     assert _calls(choice) == HERMES_CALLS
     content, streamed, _, _ = _streamed_choice(
-        list(client.chat.completions.create(model=MISTRAL, messages=ASK, tools=weather, stream=True)))
+        list(client.chat.completions.create(model=MISTRAL, messages=ASK, tools=weather, stream=True)), "mistral")
     assert content == "Checking."
     assert [(name, json.loads(arguments)) for name, arguments in streamed] == HERMES_CALLS
     assert "[AVAILABLE_TOOLS]" in mistral_script.tokenizer.decode(mistral_script.prompts[-1])
@@ -158,7 +157,7 @@ def test_mistral_calls_whose_markers_are_special_tokens(mistral_gw, mistral_scri
                                                                          stream=True)
                     for c in chunk.choices for call in c.delta.tool_calls or [] if call.id]
     for ids in ([call.id for call in choice.message.tool_calls], streamed_ids):
-        assert len(ids) == 2 and len(set(ids)) == 2 and all(re.fullmatch(MISTRAL_ID, i) for i in ids), ids
+        assert len(ids) == 2 and len(set(ids)) == 2 and all(re.fullmatch(MISTRAL_CALL_ID, i) for i in ids), ids
 
     plain = client.chat.completions.create(model=MISTRAL, messages=ASK, tools=weather, tool_choice="none").choices[0]
     tokenizer = mistral_script.tokenizer
@@ -187,7 +186,7 @@ def test_a_mistral_models_forced_calls_have_mistral_ids(mistral_gw, mistral_scri
                 for c in chunk.choices for call in c.delta.tool_calls or [] if call.id]
     calls = 2 if tool_choice == "required" else 1
     for ids in ([call.id for call in whole.choices[0].message.tool_calls], streamed):
-        assert len(set(ids)) == calls and all(re.fullmatch(MISTRAL_ID, i) for i in ids), ids
+        assert len(set(ids)) == calls and all(re.fullmatch(MISTRAL_CALL_ID, i) for i in ids), ids
 
 
 # ------------------------------------------------------------------------------- calls streamed as they are written
@@ -223,11 +222,16 @@ def _serving(request, fmt: str):
     return gateway, script
 
 
-def _streamed_choice(chunks) -> tuple[str | None, list[tuple[str, str]], str, int]:
-    """A streamed choice put together as OpenAI's clients do (test_tool_calls._message_of): content, calls (name,
-    arguments), finish_reason, and how many pieces of arguments came."""
+def _call_id(fmt: str) -> str:
+    """The shape of a format's call ids."""
+    return MISTRAL_CALL_ID if fmt == "mistral" else OPENAI_CALL_ID
+
+
+def _streamed_choice(chunks, fmt: str = "") -> tuple[str | None, list[tuple[str, str]], str, int]:
+    """A streamed choice put together as OpenAI's clients do (test_tool_calls._message_of, the calls' ids of the
+    format's shape): content, calls (name, arguments), finish_reason, and how many pieces of arguments came."""
     choices = [chunk.choices[0].model_dump(exclude_none=True) for chunk in chunks if chunk.choices]
-    message = _message_of(choices)
+    message = _message_of(choices, _call_id(fmt))
     pieces = sum(bool(call["function"]["arguments"]) for choice in choices
                  for call in choice["delta"].get("tool_calls", []))
     return (message["content"] or None, [(c["function"]["name"], c["function"]["arguments"]) for c in
@@ -247,13 +251,13 @@ def test_a_long_call_streams_its_arguments_as_they_are_generated(request, fmt):
     ask = dict(model=model, messages=ASK, tools=WRITE_TOOLS)
     whole = client.chat.completions.create(**ask).choices[0]
     call, = whole.message.tool_calls
-    assert call.function.name == "write_file"
+    assert call.function.name == "write_file" and re.fullmatch(_call_id(fmt), call.id)
     assert json.loads(call.function.arguments) == {"path": PATH, "content": CONTENT}
     assert call.function.arguments == WRITE_ARGUMENTS and whole.finish_reason == "tool_calls"
 
     # With logprobs each token is a delta of its own (the gateway sends the tokens that piled up as one otherwise).
     chunks = list(client.chat.completions.create(**ask, stream=True, logprobs=True))
-    content, calls, finish_reason, pieces = _streamed_choice(chunks)
+    content, calls, finish_reason, pieces = _streamed_choice(chunks, fmt)
     assert (content, calls, finish_reason) == (whole.message.content, [("write_file", WRITE_ARGUMENTS)], "tool_calls")
     assert pieces >= (3 if fmt in ("qwen3_coder", "pythonic") else 20)  # per parameter / as the tokens come
     assert sum(len(chunk.choices[0].logprobs.content) for chunk in chunks if chunk.choices[0].logprobs) == len(ids)
@@ -285,5 +289,5 @@ def test_a_call_cut_short_is_a_call_whole_and_streamed(request, fmt):
     assert WRITE_ARGUMENTS.startswith(arguments) and 'print(\\"h' in arguments and len(arguments) < len(WRITE_ARGUMENTS)
     with pytest.raises(ValueError):
         json.loads(arguments)
-    streamed = _streamed_choice(list(client.chat.completions.create(**ask, stream=True, logprobs=True)))
+    streamed = _streamed_choice(list(client.chat.completions.create(**ask, stream=True, logprobs=True)), fmt)
     assert streamed[:3] == (whole.message.content, [("write_file", arguments)], "length") and streamed[3] > 1
