@@ -1,4 +1,4 @@
-"""Routes of the Responses API: create, and the stored responses' retrieve, delete and input items."""
+"""Routes of the Responses API: create, and the stored responses' retrieve, delete, input items and cancel."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from flask import Blueprint, request
 from hpcllm.gateway.protocol import parse_body, unsupported
 from hpcllm.gateway.ratelimit import uses_model
 from hpcllm.gateway.responses.protocol import ResponsesRequest, check_include_query
-from hpcllm.gateway.responses.serving import create_response, delete_response, list_input_items, stored_response
+from hpcllm.gateway.responses.serving import (cancel_response, create_response, delete_response, list_input_items,
+                                              stored_response)
 from hpcllm.gateway.runtime import current_gateway
 from hpcllm.gateway.serving import RequestContext
 
@@ -37,3 +38,8 @@ def remove_response(response_id: str):
 def input_items(response_id: str):
     check_include_query(request.args)
     return list_input_items(current_gateway(), RequestContext.current(), response_id, request.args)
+
+
+@bp.post("/v1/responses/<response_id>/cancel")
+def cancel(response_id: str):
+    return cancel_response(current_gateway(), RequestContext.current(), response_id)

@@ -15,7 +15,7 @@ import logging
 import sqlite3
 from dataclasses import dataclass, replace
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from flask import Response
 
@@ -261,6 +261,13 @@ def delete_response(gw: Gateway, ctx: RequestContext, response_id: str) -> dict[
     if not gw.responses.delete(owner_of(ctx.api_key), response_id):
         raise _not_found(response_id)
     return {"id": response_id, "object": "response", "deleted": True}
+
+
+def cancel_response(gw: Gateway, ctx: RequestContext, response_id: str) -> NoReturn:
+    """OpenAI's cancel is for responses made with background: true, which this server refuses: every response it
+    stored has already ended, and is refused as OpenAI refuses one that was not made in the background."""
+    stored_response(gw, ctx, response_id)  # 404 for an id the key cannot see
+    raise InvalidRequest("Cannot cancel a synchronous response.", param="response_id")
 
 
 def _not_found(response_id: str) -> NotFound:

@@ -135,6 +135,17 @@ def test_other_paths_and_methods_are_refused_as_elsewhere(gateway):
     assert_error(gateway.get(f"/v1/responses/{response_id}", key=None), 401, "missing_api_key")
 
 
+def test_cancelling_a_response_is_refused_as_openai_refuses_one_not_made_in_the_background(make_gateway):
+    gw = make_gateway(api_keys=[{"key": USER_KEY, "name": "alice"}, {"key": OTHER_KEY, "name": "bob"}])
+    mine = gw.client().responses.create(model=MODEL, input="hi", max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError) as refused:
+        gw.client().responses.cancel(mine.id)
+    assert "synchronous" in refused.value.message and refused.value.param == "response_id"
+    assert gw.client().responses.retrieve(mine.id) == mine  # left as it was
+    for response_id in (mine.id, "resp_" + "0" * 32):  # another key's is an unknown id, not an unknown URL
+        assert_error(gw.post(f"/v1/responses/{response_id}/cancel", key=OTHER_KEY), 404, "not_found", "response_id")
+
+
 def test_another_keys_response_does_not_exist_for_it(make_gateway):
     gw = make_gateway(api_keys=[{"key": USER_KEY, "name": "alice"}, {"key": OTHER_KEY, "name": "bob"}])
     mine = gw.client().responses.create(model=MODEL, input="a secret", max_output_tokens=2)
