@@ -7,10 +7,10 @@ written to a hidden temporary file and renamed into place once whole, and only t
 sees half a file; a deletion expires the row first (the sweep deletes it), then removes the bytes.
 
 A file may expire (its expires_after, or the site's gateway.files_ttl_days): from then on it is invisible (404) and
-the runners' sweep deletes it, row and bytes, unless an active batch still reads it. A deleted file an active batch
-reads is expired at once the same way (a process taking the batch over reads it again): the deletion and a batch's
-creation over the file take turns (BatchStore.insert), so the one finds the other. A key's files may together hold at
-most gateway.files_quota_bytes.
+the runners' sweep deletes its bytes, and its row a day later (PLACE_KEPT_S), unless an active batch still reads it.
+A deleted file an active batch reads is expired at once the same way (a process taking the batch over reads it
+again): the deletion and a batch's creation over the file take turns (BatchStore.insert), so the one finds the other.
+A key's files may together hold at most gateway.files_quota_bytes.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ CREATE INDEX IF NOT EXISTS gateway_files_owner ON gateway_files (owner, created)
 # A file is visible until it expires (NULL: never).
 LIVE = "(expires IS NULL OR expires > ?)"
 COPY_CHUNK = 1024 * 1024
+# How long the sweep keeps the row of a file it deleted (its bytes go at once): a list's `after` naming it still
+# places the next page (a pager, or a clean-up loop deleting the files it lists, across a sweep).
+PLACE_KEPT_S = 24 * 3600.0
 EXTENSION_KEY = "hpcllm_files"
 
 
@@ -197,7 +200,7 @@ class FileStore:
             where.append("purpose = ?")
             params.append(query.purpose)
         # The page before may have ended on a file that expired since (or an active batch's input deleted since):
-        # its row, kept till the sweep, still places the next page.
+        # its row, kept a day after (PLACE_KEPT_S), still places the next page.
         rows, more = page(self.shared, "gateway_files", where, params, query,
                           lambda after: self.get(owner, after, expired_too=True))
         return [_stored(row) for row in rows], more
@@ -225,19 +228,26 @@ class FileStore:
         return row["files"], row["bytes"]
 
     def sweep(self) -> int:
-        """Delete the expired files, rows and bytes, but those in_use (the inputs of active batches: asked after
-        the expired files are found, so a batch made over a file before it expired keeps it); how many went."""
+        """Delete the expired files' bytes, and their rows PLACE_KEPT_S after they expired, but those in_use (the
+        inputs of active batches: asked after the expired files are found, so a batch made over a file before it
+        expired keeps it); how many files' bytes went."""
+        now = self.clock()
         with self.shared.connection() as db:
-            expired = [row["id"] for row in db.conn.execute("SELECT id FROM gateway_files WHERE expires <= ?",
-                                                            (self.clock(),)).fetchall()]
+            expired = db.conn.execute("SELECT id, expires FROM gateway_files WHERE expires <= ?", (now,)).fetchall()
             kept = self.in_use(db, None) if expired else set()
-        gone = [file_id for file_id in expired if file_id not in kept]
-        with self.shared.transaction() as db:
-            for file_id in gone:
-                db.conn.execute("DELETE FROM gateway_files WHERE id = ?", (file_id,))
-        for file_id in gone:
-            self.path(file_id).unlink(missing_ok=True)
-        return len(gone)
+        gone = [row for row in expired if row["id"] not in kept]
+        forgotten = [row["id"] for row in gone if row["expires"] <= now - PLACE_KEPT_S]
+        if forgotten:
+            with self.shared.transaction() as db:
+                for file_id in forgotten:
+                    db.conn.execute("DELETE FROM gateway_files WHERE id = ?", (file_id,))
+        removed = 0
+        for row in gone:  # a deleted file's bytes went with its deletion; others' go with the first sweep
+            path = self.path(row["id"])
+            if path.exists():
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def read_lines(self, file_id: str) -> Iterator[bytes]:
         """The file's lines; FileNotFoundError at once (not at the first line) when its bytes are gone (deleted

@@ -244,6 +244,32 @@ def test_files_can_be_deleted_while_listing_them_past_a_page(make_gateway):
     assert client.files.create(file=("big.jsonl", io.BytesIO(b"{}\n" * 13)), purpose="batch").bytes == 39
 
 
+def test_the_next_page_of_files_follows_a_file_deleted_and_swept_since_the_page_before(make_gateway):
+    """A clean-up loop deletes the files of each page as the openai client's pager lists them, and a sweep runs
+    between two pages (every 10 minutes): the next page still follows the last file of the page before. Its row goes
+    a day later (files.PLACE_KEPT_S), not kept for ever."""
+    from hpcllm.gateway.files.store import PLACE_KEPT_S
+
+    gw = make_gateway()
+    client, service = gw.client(), service_of(gw)
+    oldest, older, newest = (client.files.create(file=(f"{i}.jsonl", io.BytesIO(b"{}\n")), purpose="batch").id
+                             for i in range(3))
+    first = client.files.list(limit=2)
+    assert [f.id for f in first.data] == [newest, older] and first.has_more
+    for listed in first.data:
+        assert client.files.delete(listed.id).deleted
+    service.runner.sweep()
+    rest = client.files.list(limit=2, after=older)
+    assert [f.id for f in rest.data] == [oldest] and not rest.has_more
+    assert not service.files.path(older).exists()  # its bytes went at once
+
+    owner = owner_of(gw.state.api_keys[USER_KEY])
+    service.files.clock = lambda: time.time() + PLACE_KEPT_S + 1
+    service.runner.sweep()
+    assert service.files.get(owner, older, expired_too=True) is None
+    assert service.files.get(owner, oldest) is not None
+
+
 def test_the_next_page_of_files_follows_a_file_that_expired_since_the_page_before(make_gateway):
     """The page before ended on a file that expired meanwhile (its expires_after): the next page still follows it, as
     it would a file still there, instead of a 400 naming `after`."""
