@@ -408,11 +408,12 @@ def test_a_batch_of_a_model_the_gateway_does_not_serve_fails_at_creation_naming_
     assert "'tiny-lama'" in batch.errors.data[0].message and MODEL in batch.errors.data[0].message
 
 
-def test_a_batch_is_made_while_the_controller_cannot_say_which_models_it_serves(make_gateway):
-    """The controller down: the batch's model cannot be checked, and the batch is made (its requests wait for the
-    controller as any request), not refused."""
+def test_a_batch_is_made_at_once_while_the_controller_cannot_say_which_models_it_serves(make_gateway):
+    """The controller down, in a fresh process (no model list yet): the batch's model cannot be checked, and the batch
+    is made at once (its requests wait for the controller as any request, when they run), neither refused nor kept
+    waiting the outage wait that interactive requests wait (here longer than the client's 60 s timeout)."""
     gw = make_gateway(static_models={}, controller_url="http://127.0.0.1:9", upstream_connect_timeout_seconds=1,
-                      controller_outage_wait_seconds=0.5)
+                      controller_outage_wait_seconds=600, route_timeout_seconds=600)
     batch = submit(gw.client(), [chat_line("a", "hi")])
     assert (batch.status, batch.model, batch.request_counts.total) == ("in_progress", MODEL, 1), batch
 
