@@ -46,6 +46,9 @@ COPY_CHUNK = 1024 * 1024
 # How long the sweep keeps the row of a file it deleted (its bytes go at once): a list's `after` naming it still
 # places the next page (a pager, or a clean-up loop deleting the files it lists, across a sweep).
 PLACE_KEPT_S = 24 * 3600.0
+# An upload's hidden temporary not written to for this long was left by a process killed mid-copy (a live upload
+# writes it at every COPY_CHUNK): the sweep removes it.
+ABANDONED_UPLOAD_S = 3600.0
 EXTENSION_KEY = "hpcllm_files"
 
 
@@ -230,7 +233,7 @@ class FileStore:
     def sweep(self) -> int:
         """Delete the expired files' bytes, and their rows PLACE_KEPT_S after they expired, but those in_use (the
         inputs of active batches: asked after the expired files are found, so a batch made over a file before it
-        expired keeps it); how many files' bytes went."""
+        expired keeps it), and the upload temporaries of processes killed mid-copy; how many files' bytes went."""
         now = self.clock()
         with self.shared.connection() as db:
             expired = db.conn.execute("SELECT id, expires FROM gateway_files WHERE expires <= ?", (now,)).fetchall()
@@ -247,7 +250,20 @@ class FileStore:
             if path.exists():
                 path.unlink(missing_ok=True)
                 removed += 1
+        self._remove_abandoned_uploads()
         return removed
+
+    def _remove_abandoned_uploads(self) -> None:
+        """Remove the upload temporaries (outside every quota) of processes killed mid-copy: those not written to
+        for ABANDONED_UPLOAD_S, by the files' own (filesystem) clock."""
+        oldest_live = time.time() - ABANDONED_UPLOAD_S
+        for temporary in self.directory.glob(".file-*.upload"):
+            try:
+                abandoned = temporary.stat().st_mtime < oldest_live
+            except FileNotFoundError:  # its upload ended meanwhile (renamed into place, or removed)
+                continue
+            if abandoned:
+                temporary.unlink(missing_ok=True)
 
     def read_lines(self, file_id: str) -> Iterator[bytes]:
         """The file's lines; FileNotFoundError at once (not at the first line) when its bytes are gone (deleted

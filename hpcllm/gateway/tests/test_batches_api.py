@@ -270,6 +270,25 @@ def test_the_next_page_of_files_follows_a_file_deleted_and_swept_since_the_page_
     assert service.files.get(owner, oldest) is not None
 
 
+def test_the_sweep_removes_the_upload_temporaries_a_killed_process_left_but_not_a_live_uploads(make_gateway):
+    """A gateway process killed while it copied an upload leaves its hidden temporary (outside any key's quota): the
+    sweep removes one untouched for ABANDONED_UPLOAD_S, not one an upload is writing (touched at every chunk)."""
+    import os
+
+    from hpcllm.gateway.files.store import ABANDONED_UPLOAD_S
+
+    gw = make_gateway()
+    service = service_of(gw)
+    kept = gw.client().files.create(file=("a.jsonl", io.BytesIO(b"{}\n")), purpose="batch").id
+    left, live = (service.files.directory / f".file-{tag}.upload" for tag in ("left", "live"))
+    for temporary in (left, live):
+        temporary.write_bytes(b"{}\n" * 1000)
+    long_ago = time.time() - ABANDONED_UPLOAD_S - 60
+    os.utime(left, (long_ago, long_ago))
+    service.runner.sweep()
+    assert not left.exists() and live.exists() and service.files.path(kept).exists()
+
+
 def test_the_next_page_of_files_follows_a_file_that_expired_since_the_page_before(make_gateway):
     """The page before ended on a file that expired meanwhile (its expires_after): the next page still follows it, as
     it would a file still there, instead of a 400 naming `after`."""
