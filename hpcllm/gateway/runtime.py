@@ -82,6 +82,7 @@ class Gateway:
         )
         self._draining = threading.Event()
         self._stopping: str | None = None  # why every request stops now (the drain timeout ran out), once it does
+        self._batches_stopping: str | None = None  # why batch requests stop now (the process closes), once they do
         self._generations: set = set()  # serving.Generation objects between start() and close()
         self._generations_lock = threading.Lock()
         self._in_flight = 0
@@ -100,11 +101,13 @@ class Gateway:
         self.router.start_draining()  # a request waiting for a route hears of the drain timeout's stop in time
         self._draining.set()
 
-    def raise_if_stopping(self) -> None:
-        """The shutdown's 503 once the drain timeout ran out (stop_generations): asked by a request waiting for a
-        route, tracked as a generation or not."""
-        if self._stopping is not None:
-            raise gateway_shutdown(self._stopping)
+    def raise_if_stopping(self, batch: bool = False) -> None:
+        """The shutdown's 503 once the drain timeout ran out (stop_generations), or for a batch's request once the
+        process's close stops them (stop_batch_generations): asked by a request waiting for a route, tracked as a
+        generation or not (a pooling request)."""
+        reason = self._stopping or (self._batches_stopping if batch else None)
+        if reason is not None:
+            raise gateway_shutdown(reason)
 
     def request_started(self) -> None:
         with self._idle:
@@ -154,7 +157,11 @@ class Gateway:
         """End the running generations of batch requests now with the 503 gateway_shutdown (reason), their worker
         streams cancelled at once rather than at their next token: the worker stops generating, and the batch runner,
         answered with a shutdown, does not record the request (the process that takes its batch over runs it again).
-        Returns how many were stopped."""
+        A batch request waiting for a route (a generation or a pooling request) ends so at the router's next poll,
+        polls made short now (else it waits on, and fails when close() closes the router). Returns how many
+        generations were stopped."""
+        self._batches_stopping = reason
+        self.router.start_draining()
         with self._generations_lock:
             running = [generation for generation in self._generations if generation.ctx.batch]
         for generation in running:

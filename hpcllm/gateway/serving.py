@@ -108,9 +108,10 @@ def new_response_id(prefix: str) -> str:
 def route_request(gw: Gateway, ctx: RequestContext, model: str) -> Endpoint:
     """A ready worker for the request's model (its key's group's own pools may serve it too), waiting up to
     route_timeout_seconds for one; the wait ends when the client leaves, or with the 503 gateway_shutdown once the
-    gateway's drain timeout ran out (Gateway.stop_generations)."""
+    gateway's drain timeout ran out (Gateway.stop_generations), or for a batch's request once the process closes
+    (Gateway.stop_batch_generations)."""
     def abandoned() -> bool:
-        gw.raise_if_stopping()
+        gw.raise_if_stopping(ctx.batch)
         return ctx.client.gone()
 
     return gw.router.resolve(model, gw.config.gateway.route_timeout_seconds,

@@ -626,3 +626,43 @@ def test_a_client_that_leaves_while_its_request_waits_for_capacity_frees_its_slo
     if body.get("stream"):
         with gw.state.shared.connection() as db:  # its stream slot is free
             assert db.conn.execute("SELECT COUNT(*) AS n FROM gateway_stream_slots").fetchone()["n"] == 0
+
+
+class NeverLoadingAgents(InProcessAgents):
+    """Node agents whose instances load for ever: a request for MODEL waits for its route."""
+
+    def _loaded(self, instance_id: str) -> None:
+        return
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/embeddings"])  # a generation, a pooling request
+def test_a_gateway_process_closing_cancels_a_batch_request_waiting_for_its_route_and_hands_the_batch_back(
+        make_gateway, tmp_path, tiny_model_dir, endpoint):
+    """A quick stop closes a gateway process while its batch's request waits for its model to start: the close
+    cancelled only generating requests, so the run kept waiting (up to route_timeout_seconds) and the batch stayed
+    held by the exiting process, a lease's length. Now the waiting request ends too, not recorded, and the batch is
+    released for another process to run."""
+    import json
+
+    from hpcllm.gateway.server import QUICK_CLOSE_S
+
+    from .test_batches_api import chat_line, service_of, submit, wait_until
+
+    agents = NeverLoadingAgents("http://127.0.0.1:9")
+    with serve_controller(tmp_path, agents, tiny_model_dir, model_gpus=0, node_gpus=0) as controller:
+        gw = make_gateway(static_models={}, controller_url=controller.url, route_poll_seconds=1,
+                          route_timeout_seconds=300, batch_lease_seconds=300, batch_concurrency=1)
+        body = {"model": MODEL, "input": "hi"} if endpoint == "/v1/embeddings" else chat_line("a", "hi")["body"]
+        submit(gw.client(), [{"custom_id": "a", "method": "POST", "url": endpoint, "body": body}], endpoint=endpoint)
+        wait_until(lambda: agents.started)  # the request asked for its route: the model starts (for ever)
+        gw.state.close(QUICK_CLOSE_S)
+
+        def released():
+            with service_of(gw).batches.shared.connection() as db:
+                row = db.conn.execute("SELECT status, lease_holder, batch FROM gateway_batches").fetchone()
+            return row["lease_holder"] is None and row
+
+        row = wait_until(released, timeout_s=30)  # long before the route's 300 s
+        assert row and row["status"] == "in_progress"
+        counts = json.loads(row["batch"])["request_counts"]
+        assert (counts["completed"], counts["failed"]) == (0, 0)  # not recorded: the next process runs it
