@@ -265,7 +265,7 @@ OTHER_ROUTES = {
     "GET /v1/files/<file_id>/content",
     "POST /v1/batches", "GET /v1/batches", "GET /v1/batches/<batch_id>", "POST /v1/batches/<batch_id>/cancel",
     "GET /v1/responses/<response_id>", "DELETE /v1/responses/<response_id>",
-    "GET /v1/responses/<response_id>/input_items",
+    "GET /v1/responses/<response_id>/input_items", "POST /v1/responses/<response_id>/cancel",
     "POST /v1/conversations", "GET /v1/conversations/<conversation_id>", "POST /v1/conversations/<conversation_id>",
     "DELETE /v1/conversations/<conversation_id>", "POST /v1/conversations/<conversation_id>/items",
     "GET /v1/conversations/<conversation_id>/items", "GET /v1/conversations/<conversation_id>/items/<item_id>",
