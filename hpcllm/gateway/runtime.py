@@ -157,9 +157,10 @@ class Gateway:
         """End the running generations of batch requests now with the 503 gateway_shutdown (reason), their worker
         streams cancelled at once rather than at their next token: the worker stops generating, and the batch runner,
         answered with a shutdown, does not record the request (the process that takes its batch over runs it again).
-        A batch request waiting for a route (a generation or a pooling request) ends so at the router's next poll,
-        polls made short now (else it waits on, and fails when close() closes the router). Returns how many
-        generations were stopped."""
+        A batch request waiting for a route (a generation or a pooling request) ends so when the router's poll in
+        flight returns, polls made short now (else it waits on, and fails when close() closes the router); the batch
+        runner hands back the batches of runs still busy then (BatchRunner.close). Returns how many generations were
+        stopped."""
         self._batches_stopping = reason
         self.router.start_draining()
         with self._generations_lock:

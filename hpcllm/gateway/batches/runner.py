@@ -29,6 +29,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,7 +136,8 @@ class BatchRunner:
         """Stop claiming and starting requests, and hand the batches running here back within timeout_s: their
         running requests finish and are kept while the budget allows (all of it but HAND_BACK_S); those still running
         then are cancelled, not recorded (the process that takes the batch over runs them again), and the runs
-        release their batches."""
+        release their batches; the batch of a run still busy half of HAND_BACK_S later (a request whose route's poll
+        of the controller is in flight) is released from here."""
         self._stop.set()
         self.wake()
         deadline = time.monotonic() + timeout_s
@@ -146,7 +148,12 @@ class BatchRunner:
             log.warning("batch runner: closing: batch runs still busy near the close's end; cancelled the %d batch "
                         "requests they were generating (not recorded: the process that takes a batch over runs them "
                         "again)", cancelled)
-            self._join_runs(deadline)
+            # A request waiting for its route ends only when its poll of the controller returns (up to
+            # route_poll_seconds): its run would hold the batch past the process's exit, a lease's length. What is
+            # left of it is not recorded anyway: its batch goes back now, and the run writes nothing after that.
+            if not self._join_runs(deadline - (deadline - cancel_at) / 2):
+                for run in list(self._runs.values()):
+                    run.lease.give_up()
 
     def _join_runs(self, deadline: float) -> bool:
         """Wait until deadline for the batch runs' threads to end; whether they all have."""
@@ -427,17 +434,37 @@ class LocalLease:
     def __init__(self, batches: BatchStore, claim: Claim):
         self.batches, self.claim = batches, claim
         self.valid_until = self.due_at = 0.0  # in batches.clock()'s time (the database lease's)
+        self._given_up = False  # give_up(): the batch was released from another thread
+        self._lock = threading.Lock()  # a renewal or a result's write, or give_up: one at a time
 
     def renew(self, **changes) -> BatchObject | None:
         """BatchStore.renew: the batch, None when the lease was lost (from then on never valid)."""
-        started = self.batches.clock()
-        batch = self.batches.renew(self.claim, **changes)
-        third = self.batches.lease_s / 3
-        self.valid_until, self.due_at = 0.0 if batch is None else started + 2 * third, started + third
-        return batch
+        with self._lock:
+            started = self.batches.clock()
+            batch = None if self._given_up else self.batches.renew(self.claim, **changes)
+            third = self.batches.lease_s / 3
+            self.valid_until, self.due_at = 0.0 if batch is None else started + 2 * third, started + third
+            return batch
 
     def valid(self) -> bool:
         return self.batches.clock() < self.valid_until
+
+    @contextmanager
+    def writing(self) -> Iterator[bool]:
+        """Whether a result may be written (not given up), give_up waiting until it is."""
+        with self._lock:
+            yield not self._given_up
+
+    def give_up(self) -> None:
+        """Release the batch now, from outside its run (the process's close ran out of time): from then on the run
+        writes no result and its renewals find the lease lost."""
+        with self._lock:
+            self._given_up = True
+            self.valid_until = 0.0
+            try:
+                self.batches.release(self.claim)
+            except Exception as exc:  # its lease runs out instead
+                log.warning("batch runner: could not release batch %s: %s", self.claim.batch_id, exc)
 
     def due(self) -> bool:
         return self.batches.clock() >= self.due_at
@@ -584,8 +611,9 @@ class BatchRun:
                     continue
                 if not self.lease.valid():  # too long since the last renewal to write on it: renew first
                     batch, stop = self._renew(batch, stop, progress())
-                if stop != "lost":  # else the process that takes the batch over runs it again
-                    self._write(batch, result, output, errors)
+                with self.lease.writing() as held:
+                    if held and stop != "lost":  # else the process that takes the batch over runs it again
+                        self._write(batch, result, output, errors)
             stop = stop or self._stop_reason(batch)
             if self.lease.due() or self.woken() or limited or stop is not None:
                 batch, stop = self._renew(batch, stop, progress(), may_turn_over=bool(pending))

@@ -641,7 +641,8 @@ def test_a_gateway_process_closing_cancels_a_batch_request_waiting_for_its_route
     """A quick stop closes a gateway process while its batch's request waits for its model to start: the close
     cancelled only generating requests, so the run kept waiting (up to route_timeout_seconds) and the batch stayed
     held by the exiting process, a lease's length. Now the waiting request ends too, not recorded, and the batch is
-    released for another process to run."""
+    released for another process to run by the time close() returns (the process exits then), though the route's
+    poll in flight lasts route_poll_seconds (the default's 20 s)."""
     import json
 
     from hpcllm.gateway.server import QUICK_CLOSE_S
@@ -650,19 +651,23 @@ def test_a_gateway_process_closing_cancels_a_batch_request_waiting_for_its_route
 
     agents = NeverLoadingAgents("http://127.0.0.1:9")
     with serve_controller(tmp_path, agents, tiny_model_dir, model_gpus=0, node_gpus=0) as controller:
-        gw = make_gateway(static_models={}, controller_url=controller.url, route_poll_seconds=1,
-                          route_timeout_seconds=300, batch_lease_seconds=300, batch_concurrency=1)
+        gw = make_gateway(static_models={}, controller_url=controller.url, route_timeout_seconds=300,
+                          batch_lease_seconds=300, batch_concurrency=1)
         body = {"model": MODEL, "input": "hi"} if endpoint == "/v1/embeddings" else chat_line("a", "hi")["body"]
         submit(gw.client(), [{"custom_id": "a", "method": "POST", "url": endpoint, "body": body}], endpoint=endpoint)
         wait_until(lambda: agents.started)  # the request asked for its route: the model starts (for ever)
+        runner = service_of(gw).runner
         gw.state.close(QUICK_CLOSE_S)
 
-        def released():
+        def batch_row():
             with service_of(gw).batches.shared.connection() as db:
-                row = db.conn.execute("SELECT status, lease_holder, batch FROM gateway_batches").fetchone()
-            return row["lease_holder"] is None and row
+                return db.conn.execute("SELECT status, lease_holder, batch FROM gateway_batches").fetchone()
 
-        row = wait_until(released, timeout_s=30)  # long before the route's 300 s
-        assert row and row["status"] == "in_progress"
+        row = batch_row()
+        assert row["lease_holder"] is None and row["status"] == "in_progress"  # released as close() returns
         counts = json.loads(row["batch"])["request_counts"]
         assert (counts["completed"], counts["failed"]) == (0, 0)  # not recorded: the next process runs it
+        wait_until(lambda: not runner.running, timeout_s=120)  # the poll in flight returns: the run ends
+        row = batch_row()
+        assert row["lease_holder"] is None
+        assert json.loads(row["batch"])["request_counts"] == counts  # it wrote nothing after handing the batch back
