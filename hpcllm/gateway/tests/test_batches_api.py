@@ -250,7 +250,7 @@ def test_the_next_page_of_files_follows_a_file_deleted_and_swept_since_the_page_
     a day later (files.PLACE_KEPT_S), not kept for ever."""
     from hpcllm.gateway.files.store import PLACE_KEPT_S
 
-    gw = make_gateway()
+    gw = make_gateway(files_quota_bytes=9)  # three files of 3 bytes
     client, service = gw.client(), service_of(gw)
     oldest, older, newest = (client.files.create(file=(f"{i}.jsonl", io.BytesIO(b"{}\n")), purpose="batch").id
                              for i in range(3))
@@ -262,6 +262,18 @@ def test_the_next_page_of_files_follows_a_file_deleted_and_swept_since_the_page_
     rest = client.files.list(limit=2, after=older)
     assert [f.id for f in rest.data] == [oldest] and not rest.has_more
     assert not service.files.path(older).exists()  # its bytes went at once
+
+    # The row kept to place pages is no file for its owner: not retrieved, downloaded, deleted or run as a batch's
+    # input, not listed, and not in the quota (a re-upload of the same name and the freed size fits at once).
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(older)
+    assert_error(gw.get(f"/v1/files/{older}/content"), 404, "file_not_found")
+    with pytest.raises(openai.NotFoundError):
+        client.files.delete(older)
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id=older, endpoint="/v1/chat/completions", completion_window="24h")
+    again = client.files.create(file=("1.jsonl", io.BytesIO(b"{}\n" * 2)), purpose="batch")
+    assert [f.id for f in client.files.list()] == [again.id, oldest]
 
     owner = owner_of(gw.state.api_keys[USER_KEY])
     service.files.clock = lambda: time.time() + PLACE_KEPT_S + 1
