@@ -121,12 +121,18 @@ class Router(ABC):
     def list_models(self) -> list[ModelCard]:
         """The models a client may ask for (deployed, not necessarily running)."""
 
-    def get_model(self, name: str) -> ModelCard:
-        cards = self.list_models()
+    def get_model(self, name: str, wait: bool = True) -> ModelCard:
+        """The model's card; ModelNotFound. wait=False: a model list not fetched yet is a ServiceUnavailable at once,
+        not waited for through a controller outage as a request waits (a batch's create: its requests wait when they
+        run)."""
+        cards = self._model_list(wait)
         for card in cards:
             if card.name == name:
                 return card
         raise ModelNotFound(name, [card.name for card in cards])
+
+    def _model_list(self, wait: bool) -> list[ModelCard]:
+        return self.list_models()
 
     @abstractmethod
     def resolve(self, model: str, wait_s: float, group: str | None = None,
@@ -299,12 +305,8 @@ class ControllerRouter(Router):
     def list_models(self) -> list[ModelCard]:
         return self._list_models(wait_s=0.0)
 
-    def get_model(self, name: str) -> ModelCard:
-        cards = self._list_models(wait_s=self.outage_wait_s)
-        for card in cards:
-            if card.name == name:
-                return card
-        raise ModelNotFound(name, [card.name for card in cards])
+    def _model_list(self, wait: bool) -> list[ModelCard]:
+        return self._list_models(wait_s=self.outage_wait_s if wait else 0.0)
 
     def _list_models(self, wait_s: float) -> list[ModelCard]:
         now = time.monotonic()

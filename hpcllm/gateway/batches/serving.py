@@ -54,19 +54,18 @@ def _check_model(service: BatchService, parsed: ParsedInput) -> None:
     """A model the gateway does not serve is an error of the first line naming it, as a mismatched one: every request
     would be a 404 model_not_found, and the batch end 'completed'. When the controller cannot say now, each request's
     own answer does: the model list is asked without waiting out a controller outage as an interactive request does
-    (list_models, not get_model), the batch's requests wait for the controller when they run."""
+    (wait=False), the batch's requests wait for the controller when they run."""
     if parsed.model is None:  # no line named one (a pooling endpoint's default model, or bad lines)
         return
     try:
-        served = [card.name for card in service.router.list_models()]
-    except ServiceUnavailable:  # the controller cannot say now: each request's own answer will
-        return
-    if parsed.model not in served:
-        unknown = ModelNotFound(parsed.model, served)
-        parsed.errors.append(LineError(code=unknown.code, line=parsed.model_line, param="body.model",
-                                       message=unknown.message))
+        service.router.get_model(parsed.model, wait=False)
+    except ModelNotFound as exc:
+        parsed.errors.append(LineError(code=exc.code, line=parsed.model_line, param="body.model",
+                                       message=exc.message))
         parsed.errors.sort(key=lambda error: error.line or 0)
         del parsed.errors[MAX_LISTED_ERRORS:]
+    except ServiceUnavailable:  # the controller cannot say now: each request's own answer will
+        return
 
 
 def _check_request(req: CreateBatchRequest) -> None:
