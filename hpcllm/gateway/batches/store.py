@@ -8,7 +8,8 @@ A batch whose lease ran out (its process crashed, its host was cut off) is claim
 (every process polls), which continues from what the output files already hold.
 
 An ended batch is kept as long as its output and error files (`expires`: their expiry, or when they would have
-expired for a batch that has none): the runners' sweep that deletes the expired files deletes it too. A batch not
+expired for a batch that has none): from then on it is gone for its owner, and the runners' sweep deletes its row
+PLACE_KEPT_S later (as a file's: a list's `after` naming it still places the next page till then). A batch not
 yet ended, or whose files never expire (gateway.files_ttl_days 0 and no output_expires_after), is kept.
 """
 
@@ -24,7 +25,7 @@ from hpcllm.gateway.batches import ACTIVE
 from hpcllm.gateway.batches.protocol import BatchObject
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.files.protocol import PageQuery
-from hpcllm.gateway.files.store import FileStore, StoredFile, page
+from hpcllm.gateway.files.store import LIVE, PLACE_KEPT_S, FileStore, StoredFile, page
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS gateway_batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL,
@@ -132,23 +133,26 @@ class BatchStore:
                              expires, _waiting(batch)))
         return True
 
-    def get(self, owner: str, batch_id: str) -> BatchRow | None:
+    def get(self, owner: str, batch_id: str, *, gone_too: bool = False) -> BatchRow | None:
+        """The owner's batch; None when there is none (unknown, another owner's, or gone with its files unless
+        gone_too: its row, kept PLACE_KEPT_S, still places a list's next page)."""
+        live, now = ("", ()) if gone_too else (f" AND {LIVE}", (self.files.clock(),))
         with self.shared.connection() as db:
-            row = db.conn.execute("SELECT * FROM gateway_batches WHERE id = ? AND owner = ?",
-                                  (batch_id, owner)).fetchone()
+            row = db.conn.execute(f"SELECT * FROM gateway_batches WHERE id = ? AND owner = ?{live}",
+                                  (batch_id, owner, *now)).fetchone()
         return None if row is None else _row(row)
 
     def list(self, owner: str, query: PageQuery) -> tuple[list[BatchRow], bool]:
-        rows, more = page(self.shared, "gateway_batches", ["owner = ?"], [owner], query,
-                          lambda after: self.get(owner, after))
+        rows, more = page(self.shared, "gateway_batches", ["owner = ?", LIVE], [owner, self.files.clock()], query,
+                          lambda after: self.get(owner, after, gone_too=True))
         return [_row(row) for row in rows], more
 
     def cancel(self, owner: str, batch_id: str) -> BatchObject | None:
         """Ask the batch's runner to stop (status cancelling); None when the owner has no such batch, a 400 when it
         has already ended."""
         with self.shared.transaction() as db:
-            row = db.conn.execute("SELECT * FROM gateway_batches WHERE id = ? AND owner = ?"
-                                  + self.shared.for_update(), (batch_id, owner)).fetchone()
+            row = db.conn.execute(f"SELECT * FROM gateway_batches WHERE id = ? AND owner = ? AND {LIVE}"
+                                  + self.shared.for_update(), (batch_id, owner, self.files.clock())).fetchone()
             if row is None:
                 return None
             batch = _row(row).batch
@@ -259,8 +263,9 @@ class BatchStore:
         return True
 
     def sweep(self, now: float) -> int:
-        """Delete the ended batches whose output and error files expired by `now` (the file store's clock: the
-        expiry is theirs); how many went. A listing then leaves them out and their id is a 404, as an unknown one."""
+        """Delete the ended batches whose output and error files expired PLACE_KEPT_S before `now` (the file store's
+        clock: the expiry is theirs); how many went. Gone for their owner since they expired (listings leave them
+        out, their id is a 404), their rows placed a list's next page till now."""
         with self.shared.transaction() as db:
             return db.conn.execute(f"DELETE FROM gateway_batches WHERE expires <= ? AND status NOT IN "
-                                   f"({ACTIVE_SQL})", (now,)).rowcount
+                                   f"({ACTIVE_SQL})", (now - PLACE_KEPT_S,)).rowcount

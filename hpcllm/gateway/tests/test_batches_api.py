@@ -1512,6 +1512,38 @@ def test_an_ended_batch_is_deleted_by_the_sweep_that_finds_its_files_expired(gat
     assert forever.client().batches.retrieve(kept_forever.id).status == "completed"
 
 
+def test_the_next_page_of_batches_follows_a_batch_gone_with_its_files_since_the_page_before(make_gateway):
+    """The openai client's pager lists batches, and the page before ended on a batch that went with its files since
+    (the sweep ran between two pages): the next page still follows it, instead of a 400 naming `after`. Its row goes
+    a day later (files.PLACE_KEPT_S), not kept for ever."""
+    from hpcllm.gateway.files.store import PLACE_KEPT_S
+
+    gw = make_gateway()
+    client, service = gw.client(), service_of(gw)
+    hour = {"anchor": "created_at", "seconds": 3600}
+
+    def refused(**options) -> str:  # a batch that failed at creation: it goes when its files would have expired
+        source = client.files.create(file=("in.jsonl", io.BytesIO(b"not json\n")), purpose="batch")
+        return client.batches.create(input_file_id=source.id, endpoint="/v1/completions", completion_window="24h",
+                                     **options).id
+
+    oldest, older, newest = refused(), refused(output_expires_after=hour), refused(output_expires_after=hour)
+    first = client.batches.list(limit=2)
+    assert [b.id for b in first.data] == [newest, older] and first.has_more
+    service.files.clock = lambda: time.time() + 3601
+    service.runner.sweep()
+    rest = client.batches.list(limit=2, after=older)
+    assert [b.id for b in rest.data] == [oldest] and not rest.has_more
+    assert_error(gw.get(f"/v1/batches/{older}"), 404, "batch_not_found", "batch_id")  # gone for its owner
+    assert_error(gw.post(f"/v1/batches/{older}/cancel"), 404, "batch_not_found", "batch_id")
+
+    owner = owner_of(gw.state.api_keys[USER_KEY])
+    service.files.clock = lambda: time.time() + 3601 + PLACE_KEPT_S + 1
+    service.runner.sweep()
+    assert service.batches.get(owner, older, gone_too=True) is None
+    assert service.batches.get(owner, oldest) is not None
+
+
 def test_a_database_an_earlier_hpcllm_made_gets_the_columns_batches_now_need(limits_url, tmp_path):
     """A gateway upgraded in place keeps its batches: the first release's gateway_batches (no expires, no waiting)
     gets the columns, and a batch it stored is counted, listed, claimed and swept as a new one is; one that had ended
@@ -1552,11 +1584,13 @@ def test_a_database_an_earlier_hpcllm_made_gets_the_columns_batches_now_need(lim
     # epoch)
     assert column_types(shared, "gateway_batches")["expires"] == column_types(shared, "gateway_batches")["created"]
     assert store.queue() == {"in_progress": (1, 2, 1)}  # the metrics' queue: its requests without a result
+    files.clock = lambda: 100.0  # before any of the ended batches' files expired
     rows, _ = store.list("me", PageQuery())
     assert {row.batch.id for row in rows} == {"batch_old", *ended}
     assert store.claim("host-a").batch_id == "batch_old"
 
     def left(now: float) -> set[str]:
+        files.clock = lambda: now  # the batches' expiry is their files'
         store.sweep(now)
         return {row.batch.id for row in store.list("me", PageQuery())[0]}
 
