@@ -57,6 +57,64 @@ def worker_url(tiny_model_dir) -> Iterator[str]:
     service.shutdown()
 
 
+def vllm_python() -> str:
+    """The vLLM interpreter (make vllm-venv); the test skips, saying why, where there is none (fails in CI)."""
+    from hpcllm.worker.vllm_launch import VllmInterpreterMissing, vllm_python as configured
+
+    try:
+        return configured(Config())
+    except VllmInterpreterMissing as exc:
+        if os.environ.get("CI"):  # CI builds .venv-vllm (make test): a missing one is a failure there, not a skip
+            pytest.fail(f"CI must run the vLLM tests: no vLLM interpreter: {exc}", pytrace=False)
+        pytest.skip(f"no vLLM interpreter: {exc} (make vllm-venv)")
+
+
+@pytest.fixture(scope="package")
+def vllm_checkpoint(small_llama_dir, tmp_path_factory) -> Path:
+    """The small dev Llama (head size 64: vLLM's CPU attention has no kernel for the tiny model's 16), converted."""
+    from hpcllm.checkpoint.converter import convert
+
+    return convert(small_llama_dir, tmp_path_factory.mktemp("vllm") / "small-llama", progress=False).root
+
+
+def start_vllm_worker_for_test(checkpoint: Path, tmp_path_factory, **options) -> Iterator[tuple[str, Path]]:
+    """`hpcllm worker --engine vllm` run by the vLLM interpreter, as the node agent starts it: yields (url, log
+    path), stops it after. options: start_vllm_worker's (lora_modules, ...)."""
+    from hpcllm.worker.vllm_launch import start_vllm_worker
+
+    python = vllm_python()
+    try:
+        server = start_vllm_worker(checkpoint, name=MODEL, secret=SECRET, kv_cache_gb=1, python=python,
+                                   log_dir=tmp_path_factory.mktemp("vllm-worker"), keepalive_seconds=0.5, **options)
+    except RuntimeError as exc:  # it exited or never became ready: the message holds its log's tail
+        pytest.fail(f"vLLM worker did not start: {exc}")
+    try:
+        yield server.url, server.log_path
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="package")
+def vllm_lora_x(small_llama_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """LoRA adapter "x" of the small Llama (every projection, seed 7), which vllm_server starts with: (its PEFT
+    folder, {module name: the delta merging adds})."""
+    from hpcllm.worker.tests.test_lora import load, write_adapter
+
+    model, _ = load({"llama": small_llama_dir})
+    folder = tmp_path_factory.mktemp("vllm-lora") / "x"
+    return folder, write_adapter(folder, model, seed=7)
+
+
+@pytest.fixture(scope="package")
+def vllm_server(vllm_checkpoint, vllm_lora_x, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """One vLLM worker over vllm_checkpoint for test_vllm_worker.py and test_vllm_lora.py (each start costs 30-120 s
+    on these shared 2 cores): (url, log path). Started with adapter "x" (vLLM's --enable-lora), as a worker of a
+    model deployed with lora_adapters is; a request naming no adapter gets the base model. A test that loads or
+    unloads adapters restores "x" alone before it ends."""
+    yield from start_vllm_worker_for_test(vllm_checkpoint, tmp_path_factory,
+                                          lora_modules={"x": str(vllm_lora_x[0])})
+
+
 def gateway_config(tmp_path: Path, worker: str, source: Path, **gateway) -> Config:
     gateway.setdefault("api_keys", [{"key": USER_KEY, "name": "alice"}])
     gateway.setdefault("admin_key", ADMIN_KEY)

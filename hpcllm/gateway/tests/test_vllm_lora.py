@@ -1,7 +1,8 @@
 """LoRA adapters on a vLLM worker (`hpcllm worker --engine vllm --lora-module NAME=PATH`): vLLM's LoRARequest per
 adapter, a request naming one gets the base model with that adapter merged, one naming none the base model; adapters
-loaded and unloaded at runtime likewise. Slow:
-a vLLM worker takes 30-120 s to start here (test_vllm_worker.py's rule: skipped only without the vLLM venv)."""
+loaded and unloaded at runtime likewise. Slow: it uses conftest's vllm_server (started with adapter "x"), which
+test_vllm_worker.py shares, a vLLM worker taking 30-120 s to start here (test_vllm_worker.py's rule: skipped only
+without the vLLM venv)."""
 
 from __future__ import annotations
 
@@ -11,31 +12,22 @@ from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.protocol import GenerateRequest
 from hpcllm.worker.tests.test_lora import load, merged_greedy, token_ids, write_adapter
 
-from .conftest import MODEL, SECRET
-from .test_vllm_worker import _vllm_python, checkpoint  # noqa: F401  (checkpoint is a fixture)
+from .conftest import SECRET
 
 pytestmark = pytest.mark.slow
 
 
-def test_a_vllm_worker_serves_adapters_as_hpcllms_engine_does(checkpoint, small_llama_dir,  # noqa: F811
-                                                              tmp_path):
-    from hpcllm.worker.vllm_launch import start_vllm_worker
-
+def test_a_vllm_worker_serves_adapters_as_hpcllms_engine_does(vllm_server, vllm_lora_x, small_llama_dir, tmp_path):
     model_dirs = {"llama": small_llama_dir}
     model, tokenizer = load(model_dirs)
-    deltas = write_adapter(tmp_path / "x", model, seed=7)
+    x_folder, deltas = vllm_lora_x
     y_deltas = write_adapter(tmp_path / "y", model, seed=8, targets=("q_proj", "v_proj"))
     prompt_ids = tokenizer("hello world")["input_ids"]
     expected = {name: merged_greedy(model_dirs, delta, prompt_ids, max_new_tokens=8)
                 for name, delta in (("x", deltas), ("y", y_deltas), (None, None))}
     assert expected["x"] != expected[None] and expected["y"] != expected[None]
-    try:
-        server = start_vllm_worker(checkpoint, name=MODEL, secret=SECRET, kv_cache_gb=1, python=_vllm_python(),
-                                   log_dir=tmp_path, lora_modules={"x": str(tmp_path / "x")})
-    except RuntimeError as exc:
-        pytest.fail(f"vLLM worker did not start: {exc}")
-    try:
-        with WorkerClient(server.url, SECRET, read_timeout=120) as worker:
+    with WorkerClient(vllm_server[0], SECRET, read_timeout=120) as worker:
+        try:
             for name in ("x", None):
                 request = GenerateRequest(request_id=f"r-{name}", prompt_token_ids=prompt_ids, max_tokens=8,
                                           temperature=0, ignore_eos=True, lora=name)
@@ -48,11 +40,14 @@ def test_a_vllm_worker_serves_adapters_as_hpcllms_engine_does(checkpoint, small_
             assert worker.unload_lora_adapter("x").lora_adapters == {"y": str(tmp_path / "y")}
             with pytest.raises(WorkerError, match="'x' is not loaded"):
                 worker.generate(GenerateRequest(request_id="r-x-gone", prompt_token_ids=prompt_ids, lora="x"))
-            worker.load_lora_adapter("x", str(tmp_path / "x"))
+            worker.load_lora_adapter("x", str(x_folder))
             for name in ("y", "x"):
                 request = GenerateRequest(request_id=f"r-runtime-{name}", prompt_token_ids=prompt_ids, max_tokens=8,
                                           temperature=0, ignore_eos=True, lora=name)
                 with worker.generate(request) as stream:
                     assert token_ids(stream) == expected[name], name
-    finally:
-        server.stop()
+        finally:  # the shared worker as it started, "x" alone, for test_vllm_worker.py
+            for other in worker.load_lora_adapter("x", str(x_folder)).lora_adapters.keys() - {"x"}:
+                worker.unload_lora_adapter(other)
+        restored = worker.load_lora_adapter("x", str(x_folder))  # the same folder again: nothing to change
+        assert not restored.changed and restored.lora_adapters == {"x": str(x_folder)}, restored

@@ -3,9 +3,10 @@ weights read through hpcllm's store by the vLLM loader plugin) serves through th
 generations live-migrate between it and hpcllm's own engine, and between two vLLM workers, with the text of an
 unmigrated run.
 
-One vLLM worker serves the module (a second one starts for the vLLM -> vLLM migration): each takes 30-120 s to
-start on these shared 2 cores. The tests skip, saying why, only when the vLLM interpreter is absent; `make test`
-builds it (make vllm-venv).
+One vLLM worker serves the module and test_vllm_lora.py (conftest's vllm_server, started with a LoRA adapter that
+the requests here do not name: they get the base model); a second one starts for the vLLM -> vLLM migration, another
+for the thinking model: each takes 30-120 s to start on these shared 2 cores. The tests skip, saying why, only when
+the vLLM interpreter is absent; `make test` builds it (make vllm-venv).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from hpcllm.config import Config
 from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.migration import ticketed_request
 from hpcllm.worker.protocol import GenerateRequest, Thinking, TokenLine
@@ -29,7 +29,7 @@ from hpcllm.worker.grammar import compile_grammar
 from hpcllm.worker.requests import KV_CACHE_FULL, preempted_reason
 from hpcllm.worker.tests.schemas import OTHER_CONSTRAINTS, PERSON_GRAMMAR, check_person
 
-from .conftest import MODEL, SECRET, read_completion_stream
+from .conftest import MODEL, SECRET, read_completion_stream, start_vllm_worker_for_test, vllm_python
 from .test_migration import Worker, move_when_held
 from .test_resume import ScriptedRouter
 
@@ -42,55 +42,15 @@ PROMPT = "hello world"
 LONG_PROMPT = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
 
 
-def _vllm_python() -> str:
-    from hpcllm.worker.vllm_launch import VllmInterpreterMissing, vllm_python
-
-    try:
-        return vllm_python(Config())
-    except VllmInterpreterMissing as exc:
-        if os.environ.get("CI"):  # CI builds .venv-vllm (make test): a missing one is a failure there, not a skip
-            pytest.fail(f"CI must run the vLLM tests: no vLLM interpreter: {exc}", pytrace=False)
-        pytest.skip(f"no vLLM interpreter: {exc} (make vllm-venv)")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(small_llama_dir, tmp_path_factory) -> Path:
-    """The small dev Llama (head size 64: vLLM's CPU attention has no kernel for the tiny model's 16), converted."""
-    from hpcllm.checkpoint.converter import convert
-
-    return convert(small_llama_dir, tmp_path_factory.mktemp("vllm") / "small-llama", progress=False).root
-
-
 @pytest.fixture(scope="module")
 def vllm_worker(vllm_server) -> str:
     return vllm_server[0]
 
 
-def _start_vllm_worker(checkpoint, tmp_path_factory):
-    """`hpcllm worker --engine vllm` run by the vLLM interpreter, as the node agent starts it: (url, log path)."""
-    from hpcllm.worker.vllm_launch import start_vllm_worker
-
-    python = _vllm_python()
-    try:
-        server = start_vllm_worker(checkpoint, name=MODEL, secret=SECRET, kv_cache_gb=1, python=python,
-                                   log_dir=tmp_path_factory.mktemp("vllm-worker"), keepalive_seconds=0.5)
-    except RuntimeError as exc:  # it exited or never became ready: the message holds its log's tail
-        pytest.fail(f"vLLM worker did not start: {exc}")
-    try:
-        yield server.url, server.log_path
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
-def vllm_server(checkpoint, tmp_path_factory):
-    yield from _start_vllm_worker(checkpoint, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def second_vllm_server(checkpoint, tmp_path_factory):
+def second_vllm_server(vllm_checkpoint, tmp_path_factory):
     """A second vLLM worker (only the vLLM -> vLLM migration needs one; it starts when that test runs)."""
-    yield from _start_vllm_worker(checkpoint, tmp_path_factory)
+    yield from start_vllm_worker_for_test(vllm_checkpoint, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +83,9 @@ def hpcllm_worker(small_llama_dir):
 
 
 @pytest.fixture
-def gateway_to(make_gateway, checkpoint):
+def gateway_to(make_gateway, vllm_checkpoint):
     """gateway_to(*worker_urls): a gateway whose router answers with these workers in turn (the last repeats)."""
-    return lambda *urls: make_gateway(router=ScriptedRouter(checkpoint, list(urls)))
+    return lambda *urls: make_gateway(router=ScriptedRouter(vllm_checkpoint, list(urls)))
 
 
 def test_greedy_tokens_equal_transformers(vllm_worker, reference):
@@ -354,7 +314,7 @@ def thinkers(tmp_path_factory):
     start, end = AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids(["<think>", "</think>"])
     hpcllm = Worker(model_dir)
     try:
-        for url, _ in _start_vllm_worker(checkpoint, tmp_path_factory):
+        for url, _ in start_vllm_worker_for_test(checkpoint, tmp_path_factory):
             yield url, hpcllm, start, end
     finally:
         hpcllm.stop()
@@ -481,12 +441,12 @@ def test_a_client_that_disconnects_frees_its_slot(vllm_worker):
             assert sum(1 for _ in stream) == 5
 
 
-def test_a_python_without_vllm_fails_with_the_reason(checkpoint, tmp_path):
+def test_a_python_without_vllm_fails_with_the_reason(vllm_checkpoint, tmp_path):
     """The worker exits non-zero with one `error:` line the node agent shows in `hpcllm status`."""
     if _importable("vllm"):
         pytest.skip("this interpreter has vLLM")
     result = subprocess.run(
-        [sys.executable, "-m", "hpcllm.cli.main", "worker", "--engine", "vllm", "--model", str(checkpoint)],
+        [sys.executable, "-m", "hpcllm.cli.main", "worker", "--engine", "vllm", "--model", str(vllm_checkpoint)],
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "HPCLLM_SHARED_SECRET": SECRET},
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
@@ -501,11 +461,11 @@ def _importable(name: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def engine_checks(checkpoint, tmp_path_factory) -> dict:
+def engine_checks(vllm_checkpoint, tmp_path_factory) -> dict:
     """hpcllm/worker/tests/vllm_join_and_hang_script.py run over the checkpoint by the vLLM interpreter: the JSON
     line it prints, one part per check (both on one vLLM start: each start costs 25-50 s here)."""
     script = REPO_ROOT / "hpcllm" / "worker" / "tests" / "vllm_join_and_hang_script.py"
-    result = subprocess.run([_vllm_python(), str(script), str(checkpoint)], capture_output=True, text=True,
+    result = subprocess.run([vllm_python(), str(script), str(vllm_checkpoint)], capture_output=True, text=True,
                             timeout=600, cwd=tmp_path_factory.mktemp("vllm-checks"),
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
