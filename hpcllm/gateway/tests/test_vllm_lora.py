@@ -17,7 +17,22 @@ from .conftest import SECRET
 pytestmark = pytest.mark.slow
 
 
-def test_a_vllm_worker_serves_adapters_as_hpcllms_engine_does(vllm_server, vllm_lora_x, small_llama_dir, tmp_path):
+@pytest.fixture
+def lora_vllm_worker(vllm_server, vllm_lora_x):
+    """vllm_server's url; after the test, the shared worker as it started, adapter "x" alone, for
+    test_vllm_worker.py. A teardown, so that a test failing on a broken worker reports its own failure and a restore
+    that fails reports as this fixture's error."""
+    yield vllm_server[0]
+    x_folder = str(vllm_lora_x[0])
+    with WorkerClient(vllm_server[0], SECRET, read_timeout=120) as worker:
+        for other in worker.load_lora_adapter("x", x_folder).lora_adapters.keys() - {"x"}:
+            worker.unload_lora_adapter(other)
+        restored = worker.load_lora_adapter("x", x_folder)  # the same folder again: nothing to change
+    assert not restored.changed and restored.lora_adapters == {"x": x_folder}, restored
+
+
+def test_a_vllm_worker_serves_adapters_as_hpcllms_engine_does(lora_vllm_worker, vllm_lora_x, small_llama_dir,
+                                                              tmp_path):
     model_dirs = {"llama": small_llama_dir}
     model, tokenizer = load(model_dirs)
     x_folder, deltas = vllm_lora_x
@@ -26,28 +41,22 @@ def test_a_vllm_worker_serves_adapters_as_hpcllms_engine_does(vllm_server, vllm_
     expected = {name: merged_greedy(model_dirs, delta, prompt_ids, max_new_tokens=8)
                 for name, delta in (("x", deltas), ("y", y_deltas), (None, None))}
     assert expected["x"] != expected[None] and expected["y"] != expected[None]
-    with WorkerClient(vllm_server[0], SECRET, read_timeout=120) as worker:
-        try:
-            for name in ("x", None):
-                request = GenerateRequest(request_id=f"r-{name}", prompt_token_ids=prompt_ids, max_tokens=8,
-                                          temperature=0, ignore_eos=True, lora=name)
-                with worker.generate(request) as stream:
-                    assert token_ids(stream) == expected[name], name
-            with pytest.raises(WorkerError, match="'y' is not loaded"):
-                worker.generate(GenerateRequest(request_id="r-y", prompt_token_ids=prompt_ids, lora="y"))
-            # At runtime (vLLM's add_lora / remove_lora): y loaded, x unloaded and loaded again under its old id.
-            assert worker.load_lora_adapter("y", str(tmp_path / "y")).changed
-            assert worker.unload_lora_adapter("x").lora_adapters == {"y": str(tmp_path / "y")}
-            with pytest.raises(WorkerError, match="'x' is not loaded"):
-                worker.generate(GenerateRequest(request_id="r-x-gone", prompt_token_ids=prompt_ids, lora="x"))
-            worker.load_lora_adapter("x", str(x_folder))
-            for name in ("y", "x"):
-                request = GenerateRequest(request_id=f"r-runtime-{name}", prompt_token_ids=prompt_ids, max_tokens=8,
-                                          temperature=0, ignore_eos=True, lora=name)
-                with worker.generate(request) as stream:
-                    assert token_ids(stream) == expected[name], name
-        finally:  # the shared worker as it started, "x" alone, for test_vllm_worker.py
-            for other in worker.load_lora_adapter("x", str(x_folder)).lora_adapters.keys() - {"x"}:
-                worker.unload_lora_adapter(other)
-        restored = worker.load_lora_adapter("x", str(x_folder))  # the same folder again: nothing to change
-        assert not restored.changed and restored.lora_adapters == {"x": str(x_folder)}, restored
+    with WorkerClient(lora_vllm_worker, SECRET, read_timeout=120) as worker:
+        for name in ("x", None):
+            request = GenerateRequest(request_id=f"r-{name}", prompt_token_ids=prompt_ids, max_tokens=8,
+                                      temperature=0, ignore_eos=True, lora=name)
+            with worker.generate(request) as stream:
+                assert token_ids(stream) == expected[name], name
+        with pytest.raises(WorkerError, match="'y' is not loaded"):
+            worker.generate(GenerateRequest(request_id="r-y", prompt_token_ids=prompt_ids, lora="y"))
+        # At runtime (vLLM's add_lora / remove_lora): y loaded, x unloaded and loaded again under its old id.
+        assert worker.load_lora_adapter("y", str(tmp_path / "y")).changed
+        assert worker.unload_lora_adapter("x").lora_adapters == {"y": str(tmp_path / "y")}
+        with pytest.raises(WorkerError, match="'x' is not loaded"):
+            worker.generate(GenerateRequest(request_id="r-x-gone", prompt_token_ids=prompt_ids, lora="x"))
+        worker.load_lora_adapter("x", str(x_folder))
+        for name in ("y", "x"):
+            request = GenerateRequest(request_id=f"r-runtime-{name}", prompt_token_ids=prompt_ids, max_tokens=8,
+                                      temperature=0, ignore_eos=True, lora=name)
+            with worker.generate(request) as stream:
+                assert token_ids(stream) == expected[name], name
