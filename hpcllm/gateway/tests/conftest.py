@@ -110,7 +110,9 @@ def vllm_server(vllm_checkpoint, vllm_lora_x, tmp_path_factory) -> Iterator[tupl
     """One vLLM worker over vllm_checkpoint for test_vllm_worker.py and test_vllm_lora.py (each start costs 30-120 s
     on these shared 2 cores): (url, log path). Started with adapter "x" (vLLM's --enable-lora), as a worker of a
     model deployed with lora_adapters is; a request naming no adapter gets the base model. A test that loads or
-    unloads adapters restores "x" alone before it ends."""
+    unloads adapters restores "x" alone before it ends. The trade-off of one start: the base-model checks here run on
+    an engine with LoRA enabled (max_loras=1); the plain engine most deployments run is test_vllm_worker.py's
+    thinkers worker (its greedy check against transformers) and its second worker (the long migration test)."""
     yield from start_vllm_worker_for_test(vllm_checkpoint, tmp_path_factory,
                                           lora_modules={"x": str(vllm_lora_x[0])})
 

@@ -56,10 +56,15 @@ def second_vllm_server(vllm_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(small_llama_dir):
     """Greedy continuations by transformers' generate (float32, as the checkpoint)."""
+    return transformers_greedy(small_llama_dir)
+
+
+def transformers_greedy(model_dir: Path):
+    """generate(prompt, max_tokens) -> (token ids, text): greedy continuations of the model by transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(small_llama_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(small_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     def generate(prompt: str, max_tokens: int) -> tuple[list[int], str]:
         import torch
@@ -302,7 +307,8 @@ def test_regex_choice_and_grammars_give_the_same_tokens_on_either_engine(vllm_wo
 
 @pytest.fixture(scope="module")
 def thinkers(tmp_path_factory):
-    """(vLLM worker url, hpcllm worker, <think> id, </think> id) over the small Llama with Qwen3's think tokens."""
+    """(vLLM worker url, hpcllm worker, <think> id, </think> id, model folder) over the small Llama with Qwen3's think
+    tokens. Its vLLM worker is started without LoRA, as most deployments' are (vllm_server's has it enabled)."""
     from transformers import AutoTokenizer
 
     from hpcllm.checkpoint.converter import convert
@@ -315,7 +321,7 @@ def thinkers(tmp_path_factory):
     hpcllm = Worker(model_dir)
     try:
         for url, _ in start_vllm_worker_for_test(checkpoint, tmp_path_factory):
-            yield url, hpcllm, start, end
+            yield url, hpcllm, start, end, model_dir
     finally:
         hpcllm.stop()
 
@@ -325,7 +331,7 @@ def test_vllm_holds_the_grammar_back_until_the_thinking_ends_and_bounds_it(think
     choice: 5 free tokens, </think> forced, then the choice, the same tokens as hpcllm's engine; a budget without a
     grammar cuts the thinking alike. Where the output may open its thinking, vLLM constrains it at once (it cannot
     let the first token decide). A vLLM worker of a model without the markers refuses thinking, naming it."""
-    url, hpcllm, start, end = thinkers
+    url, hpcllm, start, end, _ = thinkers
     prompt = [*hpcllm.service.engine.tokenizer(PROMPT)["input_ids"], start]
     choice = compile_grammar("choice", ["positive", "negative"])
     fields = dict(prompt_token_ids=prompt, max_tokens=24, temperature=0, grammar=choice,
@@ -343,6 +349,15 @@ def test_vllm_holds_the_grammar_back_until_the_thinking_ends_and_bounds_it(think
     with pytest.raises(WorkerError) as refused:
         generated(vllm_worker, prompt=PROMPT, max_tokens=4, grammar=choice, thinking=Thinking(end_token_id=5))
     assert refused.value.status == 400 and refused.value.info.param == "thinking"
+
+
+def test_greedy_tokens_equal_transformers_on_a_vllm_worker_without_lora(thinkers):
+    """test_greedy_tokens_equal_transformers's check on a worker started without LoRA (the thinkers'; no extra
+    start): vllm_server's engine has LoRA enabled, which changes vLLM's model (its LoRA-wrapped layers)."""
+    url, _, _, _, model_dir = thinkers
+    expected, text = transformers_greedy(model_dir)(PROMPT, 32)
+    ids, got_text, finish_reason = generated(url, prompt=PROMPT, max_tokens=32, temperature=0, ignore_eos=True)
+    assert (ids, got_text, finish_reason) == (expected, text, "length")
 
 
 def _stream_and_migrate(gateway, source: Worker | str, destination_url: str, max_tokens: int):
