@@ -37,7 +37,15 @@ def converted(tiny_llama_dir, tmp_path_factory) -> Path:
     return out
 
 
-def make_agent(tmp_path: Path, gpus: int = 0, sweep=None, probe=None, **node) -> NodeAgent:
+def make_agent(tmp_path: Path, gpus: int = 0, sweep=None, probe=None, model_process="auto", **node) -> NodeAgent:
+    """model_process: [worker] model_process of the agent and its workers (a config file the workers read). False
+    where a test is about the agent, not the worker's engine: a CPU worker or spare then starts one process, not two
+    (each imports torch: seconds of CPU)."""
+    config_path = None
+    if model_process != "auto":
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        config_path = tmp_path / "worker.toml"
+        config_path.write_text(f"[worker]\nmodel_process = {json.dumps(model_process)}\n")
     config = parse_config({
         "paths": {"state_dir": str(tmp_path / "state"), "models_dir": str(tmp_path / "models")},
         "cluster": {"shared_secret": SECRET},
@@ -46,11 +54,12 @@ def make_agent(tmp_path: Path, gpus: int = 0, sweep=None, probe=None, **node) ->
                  # these tests count cache entries: no copy on load unless a test asks (test_cache_on_load.py)
                  "cache_on_load": [], **node},
         "controller": {"port": 1},  # nothing listens there: these tests never register
+        "worker": {"model_process": model_process},
     })
     cache = CacheManager(tmp_path / "nvme", 10**9, 10**9, "agent-test", dram_root=tmp_path / "shm")
     measurements = TierMeasurements(nvme=ProbeResult(2.0, "odirect", 1, 1), sharedfs=ProbeResult(1.0, "buffered", 1, 1),
                                     dram=ProbeResult(20.0, "memcpy", 1, 1))
-    return NodeAgent(config, cache=cache, gpus=GpuInventory(tuple(str(i) for i in range(gpus)), "test"),
+    return NodeAgent(config, config_path=config_path, cache=cache, gpus=GpuInventory(tuple(str(i) for i in range(gpus)), "test"),
                      measurements=measurements, sweep=sweep, probe=probe)
 
 
@@ -78,7 +87,8 @@ def agents_over_http(tmp_path: Path, names=("n1", "n2")):
 
 @pytest.fixture
 def agent(tmp_path):
-    a = make_agent(tmp_path, gpus=2)
+    # the model process's path through the agent: test_a_spare_worker_takes_the_next_instance_and_is_replaced
+    a = make_agent(tmp_path, gpus=2, model_process=False)
     yield a
     a.workers.stop_all(timeout=5)
     a.workers.close()
@@ -97,6 +107,14 @@ def wait_for(predicate, timeout: float = 90.0, what: str = "condition"):
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def stand_in_workers(agent) -> None:
+    """The agent's workers become processes that only wait (no imports, no load), for tests that never talk to them:
+    their instances stay loading until stopped."""
+    import sys
+
+    agent.workers._command = lambda req, path, url_file: [sys.executable, "-c", "import time; time.sleep(60)"]
 
 
 def ready_spare(agent):
@@ -291,6 +309,7 @@ def test_a_spare_worker_takes_the_next_instance_and_is_replaced(tmp_path, conver
         resp = client.post("/v1/internal/instances", json={"model": "tiny-llama", "source": str(converted)},
                            headers=AUTH)
         second = agent.workers.get(resp.get_json()["instance_id"])
+        agent.config.node.spare_workers = 0  # no spare after this load: nothing would take it
         assert second.process.pid != replacement.process.pid
         wait_for(lambda: second.state == "ready", what="a fresh worker after the dead spare")
         with WorkerClient(second.worker_url, SECRET) as worker:
@@ -310,26 +329,11 @@ def kill_the_spare_and_beat(agent) -> None:
     agent.beat()
 
 
-def test_a_spare_that_dies_while_idle_is_replaced_at_the_next_heartbeat(tmp_path):
-    """A spare killed while it waits (the OOM killer, an admin) is replaced before a start needs it: the next start
-    would otherwise pay a fresh worker's imports."""
-    agent = make_agent(tmp_path, spare_workers=1)
-    try:
-        agent.workers.ensure_spares()
-        [spare] = agent.workers._spares
-        kill_the_spare_and_beat(agent)  # one heartbeat (the controller unreachable here: logged, and it goes on)
-        [replacement] = agent.workers._spares
-        assert replacement.process.pid != spare.process.pid and replacement.process.poll() is None
-    finally:
-        agent.drain()
-        agent.workers.close()
-
-
 def test_a_spare_that_dies_at_once_again_is_not_restarted_at_every_heartbeat(tmp_path, caplog):
     """A spare that cannot live (a broken environment, too little memory for its host pool) would be started at every
     heartbeat, taking the CPU and host memory each time and keeping the read sweep waiting: the second quick death
     in a row backs the restarts off (30 s, doubling)."""
-    agent = make_agent(tmp_path, spare_workers=1)
+    agent = make_agent(tmp_path, spare_workers=1, model_process=False)
     try:
         agent.workers.ensure_spares()
         for _ in range(2):  # the first quick death is replaced at once (a one-off: the OOM killer)
@@ -343,22 +347,27 @@ def test_a_spare_that_dies_at_once_again_is_not_restarted_at_every_heartbeat(tmp
         agent.workers.close()
 
 
-def test_a_spare_that_lived_through_a_long_load_and_then_died_is_replaced_at_once(tmp_path, monkeypatch):
-    """The heartbeat starts no spare while a worker loads, but still sees the spare alive past its imports: if it dies
-    once the load ended (the OOM killer), that is no quick death, even after an earlier one, so it is replaced at
-    once rather than backed off."""
-    agent = make_agent(tmp_path, spare_workers=1)
+def test_a_spare_that_dies_while_idle_or_after_a_long_load_is_replaced_at_the_next_heartbeat(tmp_path, monkeypatch):
+    """A spare killed while it waits (the OOM killer, an admin) is replaced before a start needs it: the next start
+    would otherwise pay a fresh worker's imports. The heartbeat starts no spare while a worker loads, but still sees
+    the spare alive past its imports: if it dies once the load ended (the OOM killer), that is no quick death, even
+    after an earlier one, so it is replaced at once rather than backed off."""
+    agent = make_agent(tmp_path, spare_workers=1, model_process=False)
     try:
         agent.workers.ensure_spares()
-        kill_the_spare_and_beat(agent)  # one quick death: replaced at once
+        [first] = agent.workers._spares
+        kill_the_spare_and_beat(agent)  # one heartbeat (the controller unreachable here: logged, and it goes on)
         [spare] = agent.workers._spares
+        assert spare.process.pid != first.process.pid and spare.process.poll() is None, \
+            "a spare that died while idle is replaced at the next heartbeat"
         spare.started_at -= 60  # a long load: the spare lives on past its imports
         monkeypatch.setattr(agent.workers, "loading", lambda: True)
         agent.beat()
         monkeypatch.undo()
         kill_the_spare_and_beat(agent)
         [replacement] = agent.workers._spares
-        assert replacement.process.pid != spare.process.pid and replacement.process.poll() is None
+        assert replacement.process.pid != spare.process.pid and replacement.process.poll() is None, \
+            "a spare that died after a long load is replaced at once, not backed off"
     finally:
         agent.drain()
         agent.workers.close()
@@ -427,10 +436,8 @@ def test_a_tensor_parallel_start_on_mig_slices_is_refused_saying_why(tmp_path, c
 
 def test_no_spare_starts_at_a_heartbeat_while_a_worker_loads(tmp_path, converted):
     """Its imports would compete with the load for the CPU: a spare the load took is replaced when it ends."""
-    import sys
-
     agent = make_agent(tmp_path, spare_workers=0)
-    agent.workers._command = lambda req, path, url_file: [sys.executable, "-c", "import time; time.sleep(60)"]
+    stand_in_workers(agent)
     try:
         inst = agent.workers.start(StartInstance(model="tiny-llama", source=str(converted)))
         agent.config.node.spare_workers = 1  # as if the load had taken the node's spare
@@ -506,6 +513,7 @@ def test_a_crashing_worker_is_reported_failed_with_its_error(agent, client, tmp_
 
 
 def test_gpus_are_not_given_twice(agent, client, converted):
+    stand_in_workers(agent)  # the first instance's worker is never talked to
     body = {"model": "tiny-llama", "source": str(converted), "gpu_ids": [1]}
     first = client.post("/v1/internal/instances", json=body, headers=AUTH)
     assert first.status_code == 202
@@ -514,6 +522,7 @@ def test_gpus_are_not_given_twice(agent, client, converted):
 
 
 def test_drain_refuses_new_instances_stops_workers_and_is_idempotent(agent, client, converted):
+    stand_in_workers(agent)  # the drain stops a loading worker's process, never talked to
     resp = client.post("/v1/internal/instances", json={"model": "tiny-llama", "source": str(converted)}, headers=AUTH)
     inst = agent.workers.get(resp.get_json()["instance_id"])
     drains = [threading.Thread(target=agent.drain) for _ in range(2)]
