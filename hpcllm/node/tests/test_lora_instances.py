@@ -32,7 +32,8 @@ def test_a_spare_started_before_the_node_key_was_known_serves_with_it_and_with_i
     deltas = write_adapter(tmp_path / "adapter-x", model, seed=1)
     prompt_ids = tokenizer("hello world")["input_ids"]
     expected = merged_greedy(model_dirs, deltas, prompt_ids, max_new_tokens=6)
-    agent = make_agent(tmp_path, spare_workers=1)
+    # model_process False: the adapters through a model process are hpcllm/worker/tests/test_lora.py's
+    agent = make_agent(tmp_path, spare_workers=1, model_process=False)
     client = create_app(agent).test_client()
     try:
         agent.workers.set_key(None)  # a token agent, registering
@@ -47,6 +48,7 @@ def test_a_spare_started_before_the_node_key_was_known_serves_with_it_and_with_i
             "model": "tiny-llama", "source": str(converted), "lora_adapters": {"x": str(tmp_path / "adapter-x")}})
         assert resp.status_code == 202, resp.get_json()
         inst = agent.workers.get(resp.get_json()["instance_id"])
+        agent.config.node.spare_workers = 0  # no spare after this load: nothing would take it
         assert inst.process.pid == spare.process.pid  # the spare became the worker
         wait_for(lambda: inst.state == "ready", what="the spare to serve the model")  # the agent asks with the key
         statuses = []
@@ -88,7 +90,7 @@ def test_a_redeploys_adapters_reach_a_running_instance_through_its_agent(tmp_pat
     expected_x = merged_greedy(model_dirs, x_deltas, prompt_ids, max_new_tokens=6)
     expected = merged_greedy(model_dirs, y_deltas, prompt_ids, max_new_tokens=6)
     folders = {name: str(tmp_path / f"adapter-{name}") for name in ("x", "y", "z")}
-    agent = make_agent(tmp_path)
+    agent = make_agent(tmp_path, model_process=False)
     client = create_app(agent).test_client()
     polls, poll_ready = threading.Event(), agent.workers._poll_ready
     agent.workers._poll_ready = lambda inst: polls.wait(60) and poll_ready(inst)  # loading until the PUT is in
@@ -138,7 +140,7 @@ def test_a_redeploys_adapters_reach_a_running_instance_through_its_agent(tmp_pat
 
 def test_a_loading_instance_that_cannot_serve_its_pending_adapters_fails_without_being_ready(
         tmp_path, converted):  # noqa: F811
-    agent = make_agent(tmp_path)
+    agent = make_agent(tmp_path, model_process=False)
     client = create_app(agent).test_client()
     polls, poll_ready = threading.Event(), agent.workers._poll_ready
     agent.workers._poll_ready = lambda inst: polls.wait(60) and poll_ready(inst)  # loading until the PUT is in
