@@ -234,10 +234,11 @@ def test_a_load_while_a_warm_copies_the_model_fills_no_second_copy(tmp_path, ori
 
 def test_second_start_on_the_node_is_local_without_a_warm(tmp_path, origin):
     from hpcllm.node.app import create_app
-    from hpcllm.node.tests.test_agent import AUTH, make_agent, wait_for
+    from hpcllm.node.tests.test_agent import AUTH, make_agent, ready_spare, wait_for
 
-    agent = make_agent(tmp_path, cache_on_load=["dram", "nvme"], spare_workers=1)
-    agent.workers.ensure_spares()  # the staging folder also reaches a spare worker through its assignment
+    # One spare, for the second start alone (the first and third take fresh workers): the staging folder also
+    # reaches a spare worker through its assignment.
+    agent = make_agent(tmp_path, cache_on_load=["dram", "nvme"], spare_workers=0)
     client = create_app(agent).test_client()
 
     def start(**extra) -> str:
@@ -263,7 +264,11 @@ def test_second_start_on_the_node_is_local_without_a_warm(tmp_path, origin):
         client.delete(f"/v1/internal/instances/{first['instance_id']}", headers=AUTH)
         assert cached_tiers() == []
 
+        agent.config.node.spare_workers = 1
+        spare = ready_spare(agent)
         second = start()
+        agent.config.node.spare_workers = 0  # no spare after this load: the third start is a fresh worker
+        assert agent.workers.get(second["instance_id"]).process.pid == spare.process.pid, "the spare takes it"
         assert second["load_tier"] == "sharedfs"
         wait_for(lambda: ready(second["instance_id"]), what="the worker loading from the shared FS")
         wait_for(lambda: cached_tiers() == ["dram", "nvme"], 60, "the copies kept on load")
