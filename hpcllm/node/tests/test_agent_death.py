@@ -21,7 +21,8 @@ import pytest
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.node.app import create_app
 from hpcllm.node.cache import UnknownModel
-from hpcllm.node.tests.test_agent import SECRET, converted, make_agent, ready_spare, wait_for  # noqa: F401 (converted: a fixture)
+from hpcllm.node.tests.test_agent import (SECRET, converted, make_agent, ready_spare,  # noqa: F401 (converted: a fixture)
+                                          stand_in_workers, wait_for)
 from hpcllm.node.tests.test_tp_instances import tp_converted  # noqa: F401 (a fixture)
 from hpcllm.node.workers import Process, processes, running
 from hpcllm.procs import descendants
@@ -207,6 +208,7 @@ def test_a_start_that_fails_after_its_worker_started_closes_the_workers_pipe(tmp
     # The cached copy is evicted (`hpcllm cache evict`) between the tier's choice and the worker's reference on it:
     # the start fails and the worker is killed; the agent's end of its pipe must go with it, not wait for a collection.
     agent = make_agent(tmp_path)
+    stand_in_workers(agent)  # killed before it is ever talked to
     try:
         agent.cache.warm("tiny-llama", converted, "nvme")
         started: list[subprocess.Popen] = []
@@ -243,7 +245,8 @@ def _kill_the_readers_of(pipe: str) -> list[int]:
 def test_a_spare_that_died_as_it_was_given_an_instance_leaves_no_pipe_open(tmp_path, converted, monkeypatch):  # noqa: F811
     # The spare dies between the agent's check that it runs and the write of its assignment: the assignment's
     # flush fails, a fresh worker takes the instance, and the dead spare's pipe is closed with it.
-    agent = make_agent(tmp_path, spare_workers=1)
+    agent = make_agent(tmp_path, spare_workers=1, model_process=False)
+    stand_in_workers(agent)  # the fresh worker that takes the instance is never talked to
     try:
         spare = ready_spare(agent)
         # The write fails only once no process holds the pipe's read end: kill every one that does (the spare and
