@@ -30,7 +30,8 @@ from hpcllm.procs import descendants
 AUTH = {SECRET_HEADER: SECRET}
 
 
-def write_config(root: Path, **node) -> Path:
+def write_config(root: Path, model_process: bool | None = None, **node) -> Path:
+    """model_process: [worker] model_process, where not None."""
     namespace = f"death-{uuid.uuid4().hex[:8]}"
     settings = {"nvme_dir": str(root / "nvme"), "dram_namespace": namespace, "probe_bytes": 1 << 20,
                 "memcpy_probe_bytes": 1 << 20, "listen_host": "127.0.0.1", "cache_on_load": [], **node}
@@ -38,6 +39,8 @@ def write_config(root: Path, **node) -> Path:
              f"models_dir = {json.dumps(str(root / 'models'))}",
              "[cluster]", f"shared_secret = {json.dumps(SECRET)}",
              "[node]", *(f"{key} = {json.dumps(value)}" for key, value in settings.items())]
+    if model_process is not None:
+        lines += ["[worker]", f"model_process = {json.dumps(model_process)}"]
     path = root / "hpcllm.toml"
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o600)  # holds the secret: the agent refuses it otherwise
@@ -47,10 +50,10 @@ def write_config(root: Path, **node) -> Path:
 class KilledAgent:
     """`hpcllm node` on a free port, its controller unreachable (it serves its API while it retries registering)."""
 
-    def __init__(self, root: Path, **node):
+    def __init__(self, root: Path, model_process: bool | None = None, **node):
         root.mkdir(parents=True, exist_ok=True)
         self.log = root / "agent.log"
-        config = write_config(root, **node)
+        config = write_config(root, model_process, **node)
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "hpcllm.cli.main", "node", "--config", str(config), "--port", "0",
@@ -102,8 +105,9 @@ def _gone_or_killed(left: list[Process], timeout: float) -> list[Process]:
 
 @pytest.mark.parametrize("spare", [False, True], ids=["fresh-worker", "spare-worker"])
 def test_the_worker_of_an_agent_killed_with_sigkill_exits(tmp_path, converted, spare):  # noqa: F811
-    # spare: the instance goes to the spare (a warm process that read its assignment from the agent on stdin).
-    agent = KilledAgent(tmp_path / "agent", spare_workers=1 if spare else 0)
+    # spare: the instance goes to the spare (a warm process that read its assignment from the agent on stdin), with
+    # the model process it started (CPU workers' default); the fresh worker runs without one (a torch import less).
+    agent = KilledAgent(tmp_path / "agent", model_process=None if spare else False, spare_workers=1 if spare else 0)
     try:
         if spare:
             wait_for(lambda: any("spare worker ready" in log.read_text()
