@@ -59,7 +59,8 @@ def make_agent(tmp_path: Path, gpus: int = 0, sweep=None, probe=None, model_proc
     cache = CacheManager(tmp_path / "nvme", 10**9, 10**9, "agent-test", dram_root=tmp_path / "shm")
     measurements = TierMeasurements(nvme=ProbeResult(2.0, "odirect", 1, 1), sharedfs=ProbeResult(1.0, "buffered", 1, 1),
                                     dram=ProbeResult(20.0, "memcpy", 1, 1))
-    return NodeAgent(config, config_path=config_path, cache=cache, gpus=GpuInventory(tuple(str(i) for i in range(gpus)), "test"),
+    return NodeAgent(config, config_path=config_path, cache=cache,
+                     gpus=GpuInventory(tuple(str(i) for i in range(gpus)), "test"),
                      measurements=measurements, sweep=sweep, probe=probe)
 
 

@@ -21,7 +21,7 @@ import pytest
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.node.app import create_app
 from hpcllm.node.cache import UnknownModel
-from hpcllm.node.tests.test_agent import (SECRET, converted, make_agent, ready_spare,  # noqa: F401 (converted: a fixture)
+from hpcllm.node.tests.test_agent import (SECRET, converted, make_agent, ready_spare,  # noqa: F401 (a fixture)
                                           stand_in_workers, wait_for)
 from hpcllm.node.tests.test_tp_instances import tp_converted  # noqa: F401 (a fixture)
 from hpcllm.node.workers import Process, processes, running
