@@ -10,6 +10,7 @@ from hpcllm.worker.engine import (DuplicateRequest, Engine, EngineUnavailable, I
 from hpcllm.worker.protocol import FLOAT32_TINY, FinalLine, GenerateRequest, TokenLine
 
 from .conftest import ARCHS
+from .test_model_process import load_unpacked
 
 PROMPT = "hello world, this"
 _ids = itertools.count()
@@ -253,9 +254,11 @@ def test_a_burst_beyond_the_running_and_waiting_limits_gets_worker_full(load_pai
     assert all(isinstance(list(s.events())[-1], FinalLine) for s in streams)
 
 
-def test_tokens_in_flight_and_prefill_rate_price_a_migration(load_pair, make_engine):
-    model, tokenizer = load_pair("llama")
-    engine = make_engine(model, tokenizer, max_running_requests=1)
+# the model process (a CPU worker's default) times its prefills apart from the in-process step: both priced
+@pytest.mark.parametrize("model_process", [False, True], ids=["in-process", "model-process"])
+def test_tokens_in_flight_and_prefill_rate_price_a_migration(model_process, load_pair, model_dirs, make_engine):
+    model, tokenizer = load_unpacked(model_dirs) if model_process else load_pair("llama")
+    engine = make_engine(model, tokenizer, max_running_requests=1, model_process=model_process)
     assert (engine.tokens_in_flight(), engine.prefill_tokens_per_second) == (0, None)
     prompt_ids = (tokenizer(PROMPT)["input_ids"] * 8)[:40]  # a prefill long enough to time
     with engine._lock:  # both queued before the engine steps either
