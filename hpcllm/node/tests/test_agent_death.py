@@ -21,8 +21,8 @@ import pytest
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.node.app import create_app
 from hpcllm.node.cache import UnknownModel
-from hpcllm.node.tests.test_agent import (SECRET, converted, make_agent, ready_spare,  # noqa: F401 (a fixture)
-                                          stand_in_workers, wait_for)
+from hpcllm.node.tests.test_agent import (SECRET, converted, make_agent, model_processes,  # noqa: F401 (a fixture)
+                                          ready_spare, stand_in_workers, wait_for)
 from hpcllm.node.tests.test_tp_instances import tp_converted  # noqa: F401 (a fixture)
 from hpcllm.node.workers import Process, processes, running
 from hpcllm.procs import descendants
@@ -114,11 +114,16 @@ def test_the_worker_of_an_agent_killed_with_sigkill_exits(tmp_path, converted, s
                                  for log in (tmp_path / "agent").rglob("spare-*.log")),
                      timeout=240, what="the spare's imports")
         instance_id = agent.start(converted)
-        assert ("takes tiny-llama" in agent.log.read_text()) == spare  # the agent's line for a spare's instance
+        took = re.search(r"spare worker pid (\d+) .* takes tiny-llama", agent.log.read_text())
+        assert bool(took) == spare  # the agent's line for a spare's instance
+        model_process = model_processes(int(took.group(1))) if spare else set()
         under = agent.kill()
     finally:
         agent.close()
     assert under, "no process under the agent"
+    if spare:
+        assert model_process and model_process <= {p.pid for p in under}, \
+            f"the spare's model process {model_process} is not among the processes under the agent: {under}"
     stuck = _gone_or_killed(under, timeout=120)
     assert not stuck, f"{instance_id}: still running 120 s after the agent's death: {stuck}"
     [worker_log] = (tmp_path / "agent").rglob(f"{instance_id}.log")
