@@ -88,7 +88,12 @@ def agents_over_http(tmp_path: Path, names=("n1", "n2")):
 
 @pytest.fixture
 def agent(tmp_path):
-    # the model process's path through the agent: test_a_spare_worker_takes_the_next_instance_and_is_replaced
+    # Workers without a model process here. Where the default (model process) path is covered: through the agent,
+    # test_a_spare_worker_takes_the_next_instance_and_is_replaced; a load into shared memory (what a model process
+    # shares), store/tests/test_shared_memory.py::test_a_file_the_page_cache_holds_is_read_not_mapped; a corrupt or
+    # cut copy, store/tests/test_errors.py::test_flipped_byte_raises_checksum_mismatch and
+    # ::test_file_shrinking_under_the_reader_is_truncation; a folder that is no converted checkpoint,
+    # worker/tests/test_cli.py::test_a_folder_that_is_not_a_converted_checkpoint_exits_with_the_loader_error.
     a = make_agent(tmp_path, gpus=2, model_process=False)
     yield a
     a.workers.stop_all(timeout=5)
