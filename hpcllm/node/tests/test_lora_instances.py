@@ -32,7 +32,9 @@ def test_a_spare_started_before_the_node_key_was_known_serves_with_it_and_with_i
     deltas = write_adapter(tmp_path / "adapter-x", model, seed=1)
     prompt_ids = tokenizer("hello world")["input_ids"]
     expected = merged_greedy(model_dirs, deltas, prompt_ids, max_new_tokens=6)
-    # model_process False: the adapters through a model process are hpcllm/worker/tests/test_lora.py's
+    # model_process False: adapters through a model process are hpcllm/worker/tests/test_lora.py's [model-process]
+    # cases (test_each_request_gets_its_adapters_merged_output_alone_and_mixed_in_one_batch,
+    # test_an_adapter_loaded_at_runtime_serves_its_merged_output_and_once_unloaded_is_refused, the x_engine tests)
     agent = make_agent(tmp_path, spare_workers=1, model_process=False)
     client = create_app(agent).test_client()
     try:
