@@ -53,6 +53,12 @@ dram_namespace = "e2e-{os.getpid()}-%n"
 probe_bytes = {16 << 20}
 memcpy_probe_bytes = {16 << 20}
 heartbeat_seconds = 1.0
+# No background read sweep (~22 s of reads on each of the 4 agents, beside the model's load) and no spare workers
+# (each agent's imports torch twice, its own and its model process's: the 3 agents that serve nothing, and the
+# replacement of the one taken, slowed the one that matters to ~30 s): nothing here uses them. Spares on the dev
+# cluster are what test_gateway_cold_start_e2e, test_cache_on_load_e2e and the other on-demand tests run with.
+read_sweep = false
+spare_workers = 0
 [controller]
 host = "127.0.0.1"
 database_url = "sqlite:///{tmp_path / 'controller.db'}"
