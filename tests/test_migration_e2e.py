@@ -52,11 +52,14 @@ TOKENS_BEFORE_PREEMPTION = 2
 
 
 def write_config(root: Path, controller_port: int, gateway_port: int) -> Path:
+    # No background read sweep (~20 s of probe reads per agent) and no spare workers: each agent's model starts as it
+    # registers (its spare, still importing, would take it and a replacement spare import torch twice more beside the
+    # stream; tensor-parallel ranks never take one). The workers start fresh; nothing here checks either.
     return write_e2e_config(
         root, secret=SECRET, admin=ADMIN, controller_port=controller_port, namespace=f"mig{os.getpid()}",
         gateway_port=gateway_port, user_key=USER_KEY, slurm={"gpus_per_node": 2},
         node={"controller_url": f"http://127.0.0.1:{controller_port}", "migrate_timeout_seconds": 20,
-              "worker_stop_timeout_seconds": 10},
+              "worker_stop_timeout_seconds": 10, "read_sweep": False, "spare_workers": 0},
         controller={"allocate_on_demand": False})
 
 
