@@ -76,7 +76,11 @@ def write_config(root: Path, controller_port: int, gateway_port: int) -> Path:
         root, secret=SECRET, admin=ADMIN, controller_port=controller_port, namespace=f"ret{os.getpid()}",
         gateway_port=gateway_port, user_key=USER_KEY, slurm={"time": "00:02:00", "signal_seconds": 0},
         worker={"cpu_threads": 1},
-        node={"migrate_timeout_seconds": 20, "worker_stop_timeout_seconds": 10},
+        # No background read sweep (probe reads on each allocation's node) and no spare workers: the controller
+        # starts the model as each agent registers (its spare, still importing, took it) and a replacement spare
+        # imported torch twice beside the hand-over's streams. The workers start fresh; nothing here checks either.
+        node={"migrate_timeout_seconds": 20, "worker_stop_timeout_seconds": 10, "read_sweep": False,
+              "spare_workers": 0},
         controller={"allocate_on_demand": True, "allocation_start_estimate_seconds": 5.0, "tick_seconds": 0.5,
                     "cpu_slots_per_node": 1, "retire_lead_seconds": RETIRE_LEAD,
                     "retire_stagger_seconds": RETIRE_STAGGER, "drain_seconds": DRAIN,
