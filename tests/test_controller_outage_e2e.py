@@ -44,6 +44,10 @@ def stack(tiny_llama_dir, tmp_path):
     config_path = write_e2e_config(
         root, secret=SECRET, admin=ADMIN, controller_port=controller_port, namespace=f"outage{os.getpid()}",
         gateway_port=gateway_port, user_key=USER_KEY,
+        # No background read sweep (probe reads on the allocation's node) and no spare worker: the controller starts
+        # the model as the agent registers (its spare, still importing, took it) and a replacement spare imported
+        # torch twice beside the streaming clients. The worker starts fresh; nothing here checks either.
+        node={"read_sweep": False, "spare_workers": 0},
         controller={"allocate_on_demand": True, "allocation_start_estimate_seconds": 5.0})
     convert(tiny_llama_dir, root / "models" / MODEL, progress=False)
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
