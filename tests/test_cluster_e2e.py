@@ -35,7 +35,17 @@ ADMIN = "e2e-admin"
 HPCLLM = str(Path(sys.executable).parent / "hpcllm")
 
 
-def write_config(tmp_path: Path, models: Path) -> Path:
+# No background read sweep (~22 s of reads on each of the 4 agents, beside the model's load) and no spare workers
+# (each agent's spare imports torch twice, its own and its model process's: the 3 agents that serve nothing, and the
+# replacement of the one taken, slowed the one that matters to ~30 s): nothing in test_cluster_e2e uses them.
+# test_cache_on_load_e2e uses the `controller` fixture, with the defaults (sweep and spares on).
+LEAN_NODE = """
+read_sweep = false
+spare_workers = 0
+"""
+
+
+def write_config(tmp_path: Path, models: Path, node_overrides: str = "") -> Path:
     path = tmp_path / "hpcllm.toml"
     path.write_text(f"""
 [paths]
@@ -53,12 +63,7 @@ dram_namespace = "e2e-{os.getpid()}-%n"
 probe_bytes = {16 << 20}
 memcpy_probe_bytes = {16 << 20}
 heartbeat_seconds = 1.0
-# No background read sweep (~22 s of reads on each of the 4 agents, beside the model's load) and no spare workers
-# (each agent's imports torch twice, its own and its model process's: the 3 agents that serve nothing, and the
-# replacement of the one taken, slowed the one that matters to ~30 s): nothing here uses them. Spares on the dev
-# cluster are what test_gateway_cold_start_e2e, test_cache_on_load_e2e and the other on-demand tests run with.
-read_sweep = false
-spare_workers = 0
+{node_overrides}
 [controller]
 host = "127.0.0.1"
 database_url = "sqlite:///{tmp_path / 'controller.db'}"
@@ -72,8 +77,17 @@ tick_seconds = 1.0
 
 @pytest.fixture
 def controller(tmp_path):
+    yield from run_controller(tmp_path)
+
+
+@pytest.fixture
+def lean_controller(tmp_path):
+    yield from run_controller(tmp_path, LEAN_NODE)
+
+
+def run_controller(tmp_path: Path, node_overrides: str = ""):
     models = tmp_path / "models"
-    config_path = write_config(tmp_path, models)
+    config_path = write_config(tmp_path, models, node_overrides)
     ready = tmp_path / "controller.url"
     log = open(tmp_path / "controller.log", "wb")
     proc = subprocess.Popen([HPCLLM, "controller", "--config", str(config_path), "--port", "0", "--ready-file",
@@ -94,8 +108,8 @@ def status(url: str) -> dict:
     return httpx.get(f"{url}/v1/admin/status", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10).json()
 
 
-def test_agents_register_place_by_cache_and_serve(slurm_cluster, controller, tmp_path, tiny_llama_dir):
-    url, config_path, models = controller
+def test_agents_register_place_by_cache_and_serve(slurm_cluster, lean_controller, tmp_path, tiny_llama_dir):
+    url, config_path, models = lean_controller
     source = models / "tiny-llama"
     convert(tiny_llama_dir, source, progress=False)
     config = load_config(config_path)
