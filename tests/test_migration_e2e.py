@@ -51,15 +51,17 @@ MAX_TOKENS = 900
 TOKENS_BEFORE_PREEMPTION = 2
 
 
-def write_config(root: Path, controller_port: int, gateway_port: int) -> Path:
-    # No background read sweep (~20 s of probe reads per agent) and no spare workers: each agent's model starts as it
-    # registers (its spare, still importing, would take it and a replacement spare import torch twice more beside the
-    # stream; tensor-parallel ranks never take one). The workers start fresh; nothing here checks either.
+def write_config(root: Path, controller_port: int, gateway_port: int, tensor_parallel: int = 1) -> Path:
+    # No background read sweep (62-65 s of probe reads per agent here, beside the loads and the stream). One spare
+    # worker per agent for a 1-rank model: its instances start from the spares, so the stream migrates into a worker
+    # started from a spare (the usual destination in production), and the drains stop an agent with a spare waiting.
+    # Tensor-parallel ranks (mpirun) never take a spare: none there, it would only import torch beside the stream.
     return write_e2e_config(
         root, secret=SECRET, admin=ADMIN, controller_port=controller_port, namespace=f"mig{os.getpid()}",
         gateway_port=gateway_port, user_key=USER_KEY, slurm={"gpus_per_node": 2},
         node={"controller_url": f"http://127.0.0.1:{controller_port}", "migrate_timeout_seconds": 20,
-              "worker_stop_timeout_seconds": 10, "read_sweep": False, "spare_workers": 0},
+              "worker_stop_timeout_seconds": 10, "read_sweep": False,
+              "spare_workers": 0 if tensor_parallel > 1 else 1},
         controller={"allocate_on_demand": False})
 
 
@@ -100,7 +102,7 @@ def stack(slurm_cluster, small_llama_dir, tmp_path, request):
     root = Path(tempfile.mkdtemp(prefix="hpcllm-mig-e2e-", dir="/var/tmp"))  # munge wants searchable parents
     root.chmod(0o755)
     controller_port, gateway_port = free_port(), free_port()
-    config_path = write_config(root, controller_port, gateway_port)
+    config_path = write_config(root, controller_port, gateway_port, tensor_parallel)
     config = load_config(config_path)
     backend = CliBackend(config.slurm, command_timeout=30)
     convert(small_llama_dir, root / "models" / MODEL, progress=False)
@@ -140,6 +142,8 @@ def stack(slurm_cluster, small_llama_dir, tmp_path, request):
 
 def test_preempted_node_live_migrates_a_running_stream(stack, slurm_cluster, small_llama_dir):
     preempt_mid_stream(stack, slurm_cluster, small_llama_dir)
+    for node in NODES:  # both instances, the preempted one and the destination, started from the agent's spare
+        assert f"takes {MODEL}" in agent_log(stack[2], node), agent_log(stack[2], node)[-3000:]
 
 
 @pytest.mark.mpi
