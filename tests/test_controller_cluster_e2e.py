@@ -152,6 +152,10 @@ def test_on_demand_allocation_serves_two_models_then_scales_to_zero(backend, req
             prompt, tokens = expected["tiny-gpt2"]
             assert generate(gpt2["worker_url"], prompt, len(tokens), gpt2["worker_key"]) == tokens
 
+            # On the defaults the agent keeps a spare worker (imports done) that an instance's start takes.
+            instance_logs = [p for p in base.glob("state/node/*/*.log") if not p.name.startswith("spare-")]
+            assert any("spare worker ready" in p.read_text() for p in instance_logs), instance_logs
+
             # Scale to zero: idle instances stop after their keep-alive, then the empty allocation is cancelled.
             wait_for(lambda: not admin_status(url, ADMIN)["instances"], 30, "the idle instances to stop")
             wait_for(lambda: all(a["state"] == "ended" for a in admin_status(url, ADMIN)["allocations"]), 45,
