@@ -573,8 +573,22 @@ class WorkerManager:
 
     # ------------------------------------------------------------------------------------------------ spares
 
+    def free_slots(self) -> int:
+        """Instances of one slot that could still start here: GPUs not in use, and CPU slots (the controller's
+        controller.cpu_slots_per_node, which it places CPU instances by) not taken by a CPU instance's ranks here,
+        counted as gpus_in_use counts (active instances, and stopped or failed ones whose processes still run)."""
+        with self._lock:
+            watched = [*self._instances.values(), *self._leftovers.values()]
+        cpu_ranks = sum(inst.ranks // inst.nodes for inst in watched
+                        if not inst.gpu_ids and (inst.active or self._still_running(inst)))
+        free_cpu = max(0, self.config.controller.cpu_slots_per_node - cpu_ranks)
+        return free_cpu + self.gpus.count - len(self.gpus_in_use())
+
     def ensure_spares(self) -> None:
-        """Keep node.spare_workers spare workers (imports done) waiting, while this agent takes instances."""
+        """Keep node.spare_workers spare workers (imports done) waiting, while this agent takes instances, but no
+        more than free slots: where every slot is taken no instance can start, and an idle spare would only hold
+        its memory (its host pool, its imports twice with its model process) and CPU beside the running streams.
+        A stop that frees a slot calls this again."""
         with self._lock:
             self.settle_spares()
             for spare in list(self._spares):
@@ -582,7 +596,8 @@ class WorkerManager:
                     self._forget_dead_spare(spare)
             if time.monotonic() < self._spare_retry_at:
                 return
-            while self.accepting and len(self._spares) < self.config.node.spare_workers:
+            wanted = min(self.config.node.spare_workers, self.free_slots())
+            while self.accepting and len(self._spares) < wanted:
                 try:
                     self._spares.append(self._spawn_spare())
                 except Exception as exc:  # any (the worker's environment, an HpcllmError): the load's end, stop or
@@ -1165,6 +1180,8 @@ class WorkerManager:
                 # re-hashes the copies a failed load may have found corrupt (_replace_corrupt_copy): it forgets the
                 # instance when it ends.
                 self._leftovers[instance_id] = inst
+        if not self.loading():  # its slot is free: a spare for the next start (a load's end starts it otherwise)
+            self.ensure_spares()
         self.on_change()
         return inst
 

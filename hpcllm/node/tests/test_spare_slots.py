@@ -1,0 +1,93 @@
+"""Spare workers and the node's slots: a spare waits only where an instance could still start (a free CPU slot of
+controller.cpu_slots_per_node, or a free GPU), and a slot that frees gets its spare back for the next start. Real
+spares and `hpcllm worker` processes serving the tiny converted test model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcllm.checkpoint.converter import convert
+from hpcllm.config import parse_config
+from hpcllm.node.agent import NodeAgent
+from hpcllm.node.cache import CacheManager
+from hpcllm.node.gpus import GpuInventory
+from hpcllm.node.probes import ProbeResult, TierMeasurements
+from hpcllm.node.protocol import StartInstance
+
+SECRET = "spare-slots-secret"
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_llama_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "tiny-llama"
+    convert(tiny_llama_dir, out, progress=False)
+    return out
+
+
+def one_slot_agent(tmp_path: Path) -> NodeAgent:
+    """An agent of one CPU slot (as the dev cluster's allocations: cpu_slots_per_node = 1) keeping one spare."""
+    config = parse_config({
+        "paths": {"state_dir": str(tmp_path / "state"), "models_dir": str(tmp_path / "models")},
+        "cluster": {"shared_secret": SECRET},
+        "node": {"nvme_dir": str(tmp_path / "nvme-%n"), "worker_stop_timeout_seconds": 10, "spare_workers": 1,
+                 "cache_on_load": []},
+        "controller": {"port": 1, "cpu_slots_per_node": 1},  # nothing listens there: the heartbeats fail, logged
+    })
+    cache = CacheManager(tmp_path / "nvme", 10**9, 10**9, "spare-slots", dram_root=tmp_path / "shm")
+    measurements = TierMeasurements(nvme=ProbeResult(2.0, "odirect", 1, 1), sharedfs=ProbeResult(1.0, "buffered", 1, 1),
+                                    dram=ProbeResult(20.0, "memcpy", 1, 1))
+    return NodeAgent(config, cache=cache, gpus=GpuInventory((), "test"), measurements=measurements)
+
+
+def wait_for(predicate, timeout: float = 180.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_no_spare_waits_while_the_only_slot_is_taken_and_a_freed_slot_gets_it_back(tmp_path, converted):
+    """The spare imports torch twice (itself, its model process) and reserves its host pool: on a node whose every
+    slot is taken no instance can start, so a spare there only holds memory and CPU beside the running streams. The
+    spare the start took is not replaced while the instance runs; the instance's stop brings one back, and the next
+    start takes it (the fast path the spare is for)."""
+    agent = one_slot_agent(tmp_path)
+    workers = agent.workers
+    try:
+        workers.ensure_spares()
+        [spare] = workers._spares
+        first = workers.start(StartInstance(model="tiny-llama", source=str(converted)))
+        assert first.process.pid == spare.process.pid  # the spare became the instance's worker
+        wait_for(lambda: first.state == "ready", what="the first instance to serve")
+        agent.beat()  # a heartbeat turn with no load running: where a spare that died is replaced
+        assert workers._spares == []  # the node's one slot is taken: nothing could use a spare
+        assert list(workers.run_dir.glob("spare-*.log")) == []
+
+        workers.stop(first.instance_id)
+        [back] = workers._spares  # the slot is free again: a spare for the next start
+        assert back.process.poll() is None
+        second = workers.start(StartInstance(model="tiny-llama", source=str(converted)))
+        assert second.process.pid == back.process.pid
+        wait_for(lambda: second.state == "ready", what="the second instance to serve")
+        assert workers._spares == []
+    finally:
+        agent.drain()
+        workers.close()
+
+
+def test_spares_are_capped_by_the_free_slots(tmp_path):
+    """node.spare_workers above the slots an instance could start in: only as many spares as free slots wait."""
+    agent = one_slot_agent(tmp_path)
+    agent.workers.config.node.spare_workers = 2
+    try:
+        agent.workers.ensure_spares()
+        assert len(agent.workers._spares) == 1
+    finally:
+        agent.drain()
+        agent.workers.close()
