@@ -4,52 +4,18 @@ spares and `hpcllm worker` processes serving the tiny converted test model."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import pytest
-
-from hpcllm.checkpoint.converter import convert
-from hpcllm.config import parse_config
 from hpcllm.node.agent import NodeAgent
-from hpcllm.node.cache import CacheManager
-from hpcllm.node.gpus import GpuInventory
-from hpcllm.node.probes import ProbeResult, TierMeasurements
 from hpcllm.node.protocol import StartInstance
-
-SECRET = "spare-slots-secret"
-
-
-@pytest.fixture(scope="module")
-def converted(tiny_llama_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("models") / "tiny-llama"
-    convert(tiny_llama_dir, out, progress=False)
-    return out
+from hpcllm.node.tests.test_agent import converted, make_agent, wait_for  # noqa: F401 (converted: a fixture)
 
 
 def one_slot_agent(tmp_path: Path) -> NodeAgent:
     """An agent of one CPU slot (as the dev cluster's allocations: cpu_slots_per_node = 1) keeping one spare."""
-    config = parse_config({
-        "paths": {"state_dir": str(tmp_path / "state"), "models_dir": str(tmp_path / "models")},
-        "cluster": {"shared_secret": SECRET},
-        "node": {"nvme_dir": str(tmp_path / "nvme-%n"), "worker_stop_timeout_seconds": 10, "spare_workers": 1,
-                 "cache_on_load": []},
-        "controller": {"port": 1, "cpu_slots_per_node": 1},  # nothing listens there: the heartbeats fail, logged
-    })
-    cache = CacheManager(tmp_path / "nvme", 10**9, 10**9, "spare-slots", dram_root=tmp_path / "shm")
-    measurements = TierMeasurements(nvme=ProbeResult(2.0, "odirect", 1, 1), sharedfs=ProbeResult(1.0, "buffered", 1, 1),
-                                    dram=ProbeResult(20.0, "memcpy", 1, 1))
-    return NodeAgent(config, cache=cache, gpus=GpuInventory((), "test"), measurements=measurements)
-
-
-def wait_for(predicate, timeout: float = 180.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    agent = make_agent(tmp_path, spare_workers=1)
+    agent.workers.config.controller.cpu_slots_per_node = 1
+    return agent
 
 
 def test_no_spare_waits_while_the_only_slot_is_taken_and_a_freed_slot_gets_it_back(tmp_path, converted):
