@@ -588,12 +588,17 @@ class WorkerManager:
         """Keep node.spare_workers spare workers (imports done) waiting, while this agent takes instances, but no
         more than free slots: where every slot is taken no instance can start, and an idle spare would only hold
         its memory (its host pool, its imports twice with its model process) and CPU beside the running streams.
-        A stop that frees a slot calls this again."""
+        A stop that frees a slot calls this again; a start that took no spare (vLLM, tensor-parallel ranks) and
+        filled the slots ends those beyond the free slots here."""
         with self._lock:
             self.settle_spares()
             for spare in list(self._spares):
                 if spare.process.poll() is not None:
                     self._forget_dead_spare(spare)
+            wanted = min(self.config.node.spare_workers, self.free_slots())
+            surplus, self._spares = self._spares[wanted:], self._spares[:wanted]
+        self._end_spares(surplus)  # outside the lock: each may take seconds to go
+        with self._lock:
             if time.monotonic() < self._spare_retry_at:
                 return
             wanted = min(self.config.node.spare_workers, self.free_slots())
@@ -709,6 +714,10 @@ class WorkerManager:
         """Stop the waiting spares (closing stdin ends them; SIGKILL if one does not go)."""
         with self._lock:
             spares, self._spares = self._spares, []
+        self._end_spares(spares)
+
+    @staticmethod
+    def _end_spares(spares: list[Spare]) -> None:
         for spare in spares:
             try:
                 spare.process.stdin.close()

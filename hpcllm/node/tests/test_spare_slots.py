@@ -57,3 +57,25 @@ def test_spares_are_capped_by_the_free_slots(tmp_path):
     finally:
         agent.drain()
         agent.workers.close()
+
+
+def test_a_start_that_takes_no_spare_and_fills_the_slots_ends_the_waiting_spare(tmp_path, converted, monkeypatch):
+    """A start that is not given the spare (a vLLM instance, tensor-parallel ranks under mpirun) can take the node's
+    last slot too: the spare that waited beside it is ended, not left holding its memory for the instance's life."""
+    agent = one_slot_agent(tmp_path)
+    workers = agent.workers
+    try:
+        workers.ensure_spares()
+        [spare] = workers._spares
+        monkeypatch.setattr(workers, "_assign_spare", lambda *args, **kwargs: None)  # as for vLLM or mpirun ranks
+        inst = workers.start(StartInstance(model="tiny-llama", source=str(converted)))
+        assert inst.process.pid != spare.process.pid
+        wait_for(lambda: inst.state == "ready", what="the instance to serve")
+        agent.beat()
+        assert workers._spares == []
+        # Ended by the thread that saw the slots fill (the instance's watcher, at ready), outside the lock.
+        wait_for(lambda: spare.process.poll() is not None and not spare.log_path.exists(), what="the spare to end")
+    finally:
+        agent.drain()
+        workers.close()
+
