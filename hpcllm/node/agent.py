@@ -132,7 +132,9 @@ class NodeAgent:
         run_dir = Path(expand_node_pattern(str(config.paths.state_dir / "node" / "%n-%j"), self.node_id, self.job_id,
                                            "paths.state_dir"))
         self._wake = threading.Event()
-        self.workers = WorkerManager(config, run_dir, self.gpus, self.cache, config_path, on_change=self._wake.set)
+        # A model pool's agent runs its pinned instance only (the controller places nothing on a pool node).
+        self.workers = WorkerManager(config, run_dir, self.gpus, self.cache, config_path, on_change=self._wake.set,
+                                     max_instances=1 if pinned_model is not None else None)
         self.measurements = measurements
         # The tier probes (probes.measure_tiers unless a test gives another; its argument: measure host-to-device)
         # and the read sweep (probes.sweep_read_settings): each reused when saved recently.

@@ -300,9 +300,12 @@ def vllm_python(config: Config) -> str:
 class WorkerManager:
     def __init__(self, config: Config, run_dir: Path, gpus: GpuInventory, cache=None,
                  config_path: Path | None = None, on_change: Callable[[], None] | None = None,
-                 poll_seconds: float = 0.5):
+                 poll_seconds: float = 0.5, max_instances: int | None = None):
         self.config = config
         self.run_dir = run_dir
+        # Instances this agent may run at once (1 on a model pool's node: its pinned instance, the controller
+        # places nothing there): no spare waits beyond them. None: as many as the node's slots.
+        self.max_instances = max_instances
         self.gpus = gpus
         self.cache = cache
         self.config_path = config_path
@@ -576,13 +579,17 @@ class WorkerManager:
     def free_slots(self) -> int:
         """Instances of one slot that could still start here: GPUs not in use, and CPU slots (the controller's
         controller.cpu_slots_per_node, which it places CPU instances by) not taken by a CPU instance's ranks here,
-        counted as gpus_in_use counts (active instances, and stopped or failed ones whose processes still run)."""
+        counted as gpus_in_use counts (active instances, and stopped or failed ones whose processes still run); at
+        most max_instances less those."""
         with self._lock:
-            watched = [*self._instances.values(), *self._leftovers.values()]
-        cpu_ranks = sum(inst.ranks // inst.nodes for inst in watched
-                        if not inst.gpu_ids and (inst.active or self._still_running(inst)))
+            watched = [inst for inst in [*self._instances.values(), *self._leftovers.values()]
+                       if inst.active or self._still_running(inst)]
+        cpu_ranks = sum(inst.ranks // inst.nodes for inst in watched if not inst.gpu_ids)
         free_cpu = max(0, self.config.controller.cpu_slots_per_node - cpu_ranks)
-        return free_cpu + self.gpus.count - len(self.gpus_in_use())
+        free = free_cpu + self.gpus.count - len(self.gpus_in_use())
+        if self.max_instances is not None:
+            free = min(free, max(0, self.max_instances - len(watched)))
+        return free
 
     def ensure_spares(self) -> None:
         """Keep node.spare_workers spare workers (imports done) waiting, while this agent takes instances, but no

@@ -79,3 +79,29 @@ def test_a_start_that_takes_no_spare_and_fills_the_slots_ends_the_waiting_spare(
         agent.drain()
         workers.close()
 
+
+def test_a_model_pool_agent_keeps_no_spare_beside_its_pinned_instance(tmp_path, converted):
+    """`hpcllm node --model`: the controller places nothing on a pool's node, so once its pinned instance runs no
+    start could take a spare, though the node has slots left (cpu_slots_per_node = 2, the default). When the
+    instance stops, a spare waits again for its restart."""
+    base = make_agent(tmp_path, spare_workers=1)
+    agent = NodeAgent(base.config, pinned_model="tiny-llama", cache=base.cache, gpus=base.gpus,
+                      measurements=base.measurements)
+    workers = agent.workers
+    try:
+        assert workers.config.controller.cpu_slots_per_node > 1
+        workers.ensure_spares()
+        [spare] = workers._spares  # for the pinned start
+        inst = workers.start(StartInstance(model="tiny-llama", source=str(converted)))
+        assert inst.process.pid == spare.process.pid
+        wait_for(lambda: inst.state == "ready", what="the pinned instance to serve")
+        agent.beat()
+        assert workers._spares == []
+
+        workers.stop(inst.instance_id)
+        [back] = workers._spares
+        assert back.process.poll() is None
+    finally:
+        agent.drain()
+        workers.close()
+        base.workers.close()
