@@ -175,7 +175,7 @@ class NodeConfig(Section):
     # Worker processes kept with torch/transformers already imported, so a cold start pays only the load (the
     # imports take ~2.5-4 s, docs/node-agent.md). Each idle spare holds ~0.35 GB of host memory (plus its host pool,
     # below); 0 turns them off. No more wait than the node has free slots (a node whose every slot is taken keeps
-    # none; a stop that frees one starts it).
+    # none; a stop that frees one starts it; a pool's agent keeps none beside its pinned instance).
     spare_workers: int = Field(1, ge=0, le=8)
     # Host memory each spare reserves and faults in while it waits (like ServerlessLLM's pinned pool): the largest
     # checkpoint cached on this node, at most this many GB. A CPU load then reads O_DIRECT straight into memory that
