@@ -27,15 +27,21 @@ def test_allocation_whose_agent_never_registers_is_released(make_harness):
     assert ("cancel_idle_allocation", job) in kinds
 
 
-def test_an_agent_registering_again_into_a_cancelled_allocation_gets_no_instance(make_harness):
-    """The idle allocation is being cancelled (its node draining) when its agent restarts and registers again before
-    Slurm ends the job: the node stays draining, so no instance is placed on a node about to go away."""
+def idle_allocation(make_harness):
+    """An allocation for m running on n2 with its agent registered and nothing placed there, keep-alive 3 s."""
     h = make_harness(allocation_keep_alive_seconds=3)
     model = h.deploy("m")
     job = h.allocator.submit(model, [], h.clock.now)
     h.backend.start(job, "n2", h.clock.now)
     h.register("n2", job=job)
     h.tick()
+    return h, job
+
+
+def test_an_agent_registering_again_into_a_cancelled_allocation_gets_no_instance(make_harness):
+    """The idle allocation is being cancelled (its node draining) when its agent restarts and registers again before
+    Slurm ends the job: the node stays draining, so no instance is placed on a node about to go away."""
+    h, job = idle_allocation(make_harness)
     assert ("cancel_idle_allocation", job) in h.tick(4).kinds()
     h.register("n2", job=job)  # the agent restarted; Slurm has not ended the job yet
     assert h.registry.get_node("n2").state == "draining"
@@ -48,12 +54,7 @@ def test_an_idle_allocation_slurm_cannot_cancel_during_an_outage_keeps_serving(m
     draining (no placement there) until Slurm came back, while it could serve - and with Slurm down no other
     allocation can be made, so a request for a model found no capacity. The node serves on; the cancel is tried
     again once Slurm answers and the node is still idle."""
-    h = make_harness(allocation_keep_alive_seconds=3)
-    model = h.deploy("m")
-    job = h.allocator.submit(model, [], h.clock.now)
-    h.backend.start(job, "n2", h.clock.now)
-    h.register("n2", job=job)
-    h.tick()
+    h, job = idle_allocation(make_harness)
     h.backend.down = True
     report = h.tick(4)
     assert ("cancel_idle_allocation", job) not in report.kinds()
@@ -69,12 +70,7 @@ def test_an_idle_allocation_slurm_cannot_cancel_during_an_outage_keeps_serving(m
 def test_an_idle_allocation_slurm_could_not_cancel_is_cancelled_once_slurm_answers(make_harness):
     """The cancel that failed during the outage is tried again: Slurm back, the node still idle, the next tick
     cancels the allocation (it does not hold the node for ever)."""
-    h = make_harness(allocation_keep_alive_seconds=3)
-    model = h.deploy("m")
-    job = h.allocator.submit(model, [], h.clock.now)
-    h.backend.start(job, "n2", h.clock.now)
-    h.register("n2", job=job)
-    h.tick()
+    h, job = idle_allocation(make_harness)
     h.backend.down = True
     assert ("cancel_idle_allocation", job) not in h.tick(4).kinds()
     h.backend.down = False
