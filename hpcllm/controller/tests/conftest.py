@@ -50,13 +50,24 @@ class Harness:
         self.backend = RecordingBackend()
         self.agents = FakeAgents()
         self.config = make_config(tmp_path, **controller_settings)
+        self._start_controller()
+        self.job_ends: dict[str, float] = {}  # what a node's agent reports as its Slurm job's end (model pools)
+        self.agent_processes: dict[str, str] = {}  # the process id a node's agent registered with, if any
+
+    def _start_controller(self) -> None:
+        """The controller process: its registry on the config's database, allocator, controller and autoscaler."""
         self.registry = Registry(self.config.controller.database_url)
         self.allocator = Allocator(self.config, self.registry, self.backend, "http://controller:8700",
                                    clock=self.clock)
         self.controller = Controller(self.config, self.registry, self.agents, self.allocator, clock=self.clock)
         self.autoscaler = Autoscaler(self.controller)
-        self.job_ends: dict[str, float] = {}  # what a node's agent reports as its Slurm job's end (model pools)
-        self.agent_processes: dict[str, str] = {}  # the process id a node's agent registered with, if any
+
+    def restart_controller(self) -> None:
+        """The controller process restarts on the same database (same Slurm, same agents) and reconciles with the
+        live agents."""
+        self.registry.close()
+        self._start_controller()
+        self.controller.reconcile()
 
     def source(self, name: str, positions: int = 4096) -> Path:
         return checkpoint_folder(self.tmp_path / "models" / name, positions)

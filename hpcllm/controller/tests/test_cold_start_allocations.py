@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import itertools
 
-from hpcllm.controller.allocations import Allocator
-from hpcllm.controller.autoscaler import Autoscaler
 from hpcllm.controller.protocol import RouteWaiting
-from hpcllm.controller.registry import Registry
-from hpcllm.controller.service import Controller
-from hpcllm.controller.tests.doubles import RecordingBackend
 from hpcllm.slurm.base import JobState
 
 
@@ -37,16 +32,7 @@ def slurm_restarted(h) -> None:
     h.backend.jobs.clear()
     h.backend.calls.clear()
     h.backend._ids = itertools.count(1001)
-    restart_controller(h)
-
-
-def restart_controller(h) -> None:
-    h.registry.close()
-    h.registry = Registry(h.config.controller.database_url)
-    h.allocator = Allocator(h.config, h.registry, h.backend, "http://controller:8700", clock=h.clock)
-    h.controller = Controller(h.config, h.registry, h.agents, h.allocator, clock=h.clock)
-    h.autoscaler = Autoscaler(h.controller)
-    h.controller.reconcile()
+    h.restart_controller()
 
 
 def poll_routes(h, times: int, seconds: float = 0.5) -> list:
@@ -107,12 +93,12 @@ def test_controller_restart_mid_cold_start_submits_nothing_more(harness):
     earlier_life(harness, model)
     slurm_restarted(harness)
     poll_routes(harness, 3)
-    restart_controller(harness)
+    harness.restart_controller()
     poll_routes(harness, 10)
     harness.tick(1)
     [job] = harness.backend.jobs
     harness.backend.start(job, "n1", harness.clock.now)
-    restart_controller(harness)
+    harness.restart_controller()
     poll_routes(harness, 10)
     harness.tick(1)
     assert len(harness.backend.submitted()) == 1

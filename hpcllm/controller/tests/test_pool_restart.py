@@ -4,23 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from hpcllm.controller.allocations import Allocator
-from hpcllm.controller.autoscaler import Autoscaler
 from hpcllm.controller.errors import NoCapacity
 from hpcllm.controller.protocol import InstanceInfo, NodeRegistration, PoolTokenRequest
-from hpcllm.controller.registry import Registry
-from hpcllm.controller.service import Controller
 from hpcllm.controller.tests.test_pools import pool_instance
-
-
-def restart(h) -> None:
-    """The controller process restarts on the same database and reconciles with the live agents."""
-    h.registry.close()
-    h.registry = Registry(h.config.controller.database_url)
-    h.allocator = Allocator(h.config, h.registry, h.backend, "http://controller:8700", clock=h.clock)
-    h.controller = Controller(h.config, h.registry, h.agents, h.allocator, clock=h.clock)
-    h.autoscaler = Autoscaler(h.controller)
-    h.controller.reconcile()
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -40,7 +26,7 @@ def test_a_restart_takes_no_instance_of_another_model_from_a_pool_tokens_agent(m
         instance_id="pool-secret-1", model="secret", state="ready", worker_url="http://pool1:9000/workers/x",
         gpu_ids=[], load_tier="sharedfs", load_seconds=1.0))
 
-    restart(h)
+    h.restart_controller()
 
     assert [i.instance_id for i in h.registry.instances(model="secret")] == []
     with pytest.raises(NoCapacity):
@@ -64,7 +50,7 @@ def test_a_restart_takes_nothing_from_an_agent_whose_token_the_controller_no_lon
     with h.registry._tx() as db:  # the token's record is lost (a database restored from before it was issued)
         db.execute("DELETE FROM credentials WHERE credential_id = ?", (issued.credential_id,))
 
-    restart(h)
+    h.restart_controller()
 
     assert [i.instance_id for i in h.registry.instances(model="secret")] == []
     with pytest.raises(NoCapacity):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from hpcllm.controller.tests.test_pool_restart import restart
-
 
 def test_a_restarted_controller_does_not_stop_instances_the_gateway_used_while_it_was_down(harness):
     """While the controller is down the gateway serves from the routes it remembers (docs/gateway.md, "Serving
@@ -17,7 +15,7 @@ def test_a_restarted_controller_does_not_stop_instances_the_gateway_used_while_i
     harness.tick(10)
     harness.clock.advance(900)  # the controller is down for 15 minutes, the gateway routes to n1 meanwhile
 
-    restart(harness)
+    harness.restart_controller()
 
     assert harness.tick(5).kinds() == []
     assert harness.registry.get_instance(outcome.instance_id).state == "ready"
@@ -40,7 +38,7 @@ def test_a_restart_keeps_each_instances_last_use_and_stops_the_least_recently_us
     used = {i.instance_id: i.last_used for i in harness.controller.status().instances}
     harness.clock.advance(900)  # the controller is down for 15 minutes
 
-    restart(harness)
+    harness.restart_controller()
 
     assert {i.instance_id: i.last_used for i in harness.controller.status().instances} == used
     assert harness.tick(5).kinds() == []
