@@ -14,12 +14,8 @@ import json
 import pytest
 
 from hpcllm.cli.main import main
-from hpcllm.controller.allocations import Allocator
-from hpcllm.controller.autoscaler import Autoscaler
 from hpcllm.controller.cli import print_status
 from hpcllm.controller.protocol import ClusterStatus, Heartbeat, InstanceInfo, NodeRegistration, PoolTokenRequest
-from hpcllm.controller.registry import Registry
-from hpcllm.controller.service import Controller
 from hpcllm.controller.tests.conftest import ADMIN_KEY, GB
 from hpcllm.controller.tests.test_migration import use_migrating_agents
 from hpcllm.credentials import TOKEN_HEADER
@@ -371,12 +367,7 @@ def test_an_extended_job_end_postpones_the_hand_over(make_harness):
 def test_a_controller_restarted_while_a_pool_retires_waits_for_the_same_replacement(make_harness):
     h, pooled = ending_pool(make_harness)
     assert h.tick(700).kinds() == [("start_replacement", "m")]
-    h.registry.close()
-    h.registry = Registry(h.config.controller.database_url)
-    h.allocator = Allocator(h.config, h.registry, h.backend, "http://controller:8700", clock=h.clock)
-    h.controller = Controller(h.config, h.registry, h.agents, h.allocator, clock=h.clock)
-    h.autoscaler = Autoscaler(h.controller)
-    h.controller.reconcile()
+    h.restart_controller()
     assert h.registry.get_node("pool1").job_end == h.job_ends["pool1"]
     assert h.tick(5).kinds() == []  # no second replacement, no drain
     h.heartbeat("n2", tier="sharedfs")

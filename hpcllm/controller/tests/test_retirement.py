@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from hpcllm.controller.allocations import Allocator
-from hpcllm.controller.autoscaler import Autoscaler
 from hpcllm.controller.cli import print_status
 from hpcllm.controller.errors import InvalidModelConfig
-from hpcllm.controller.registry import Registry
-from hpcllm.controller.service import Controller
 from hpcllm.controller.tests.test_migration import metric, ready_instance, target, use_migrating_agents
 from hpcllm.slurm.base import JobState
 
@@ -139,12 +135,7 @@ def test_a_controller_restarted_between_the_phases_waits_for_the_same_replacemen
 
     # The controller dies and starts again on the same database: the phase is derived from what the registry holds
     # (past retire_at, still running; the replacement loading on n9).
-    h.registry.close()
-    h.registry = Registry(h.config.controller.database_url)
-    h.allocator = Allocator(h.config, h.registry, h.backend, "http://controller:8700", clock=h.clock)
-    h.controller = Controller(h.config, h.registry, agents, h.allocator, clock=h.clock)
-    h.autoscaler = Autoscaler(h.controller)
-    h.controller.reconcile()
+    h.restart_controller()
     assert h.tick(5).kinds() == []  # no second replacement, no drain
     assert len(h.agents.started) == 2
 
