@@ -611,9 +611,8 @@ class BatchRun:
                     continue
                 if not self.lease.valid():  # too long since the last renewal to write on it: renew first
                     batch, stop = self._renew(batch, stop, progress())
-                with self.lease.writing() as held:
-                    if held and stop != "lost":  # else the process that takes the batch over runs it again
-                        self._write(batch, result, output, errors)
+                if stop != "lost":  # else the process that takes the batch over runs it again
+                    self._write(batch, result, output, errors)
             stop = stop or self._stop_reason(batch)
             if self.lease.due() or self.woken() or limited or stop is not None:
                 batch, stop = self._renew(batch, stop, progress(), may_turn_over=bool(pending))
@@ -690,9 +689,13 @@ class BatchRun:
         return batch, None
 
     def _write(self, batch: BatchObject, result: ResultLine, output: ResultFile, errors: ResultFile) -> None:
-        succeeded = _succeeded(result)
-        (output if succeeded else errors).append(result)
-        self.runner.gw.metrics.batch_requests.labels(self.model_label, "completed" if succeeded else "failed").inc()
+        """Write a result while the batch was not given up (the process that takes it over writes it)."""
+        with self.lease.writing() as held:
+            if not held:
+                return
+            succeeded = _succeeded(result)
+            (output if succeeded else errors).append(result)
+            self.runner.gw.metrics.batch_requests.labels(self.model_label, "completed" if succeeded else "failed").inc()
 
     def _model_label(self, model: str | None) -> str:
         """The batch's model as its metrics label where this gateway serves it, else "": the name comes from the

@@ -747,6 +747,48 @@ def test_past_its_window_a_batch_expires_and_lists_the_requests_it_did_not_run(g
     assert (done.request_counts.completed, done.request_counts.failed) == (1, 2)
 
 
+def test_a_run_whose_batch_was_handed_back_as_it_expired_writes_no_expiry_lines(gated_factory, monkeypatch):
+    """The process's close hands the batch back (LocalLease.give_up) as its run finds the completion window over: the
+    run still wrote the batch_expired lines of the requests it had not run, into the files of the process that takes
+    the batch over. Now it writes nothing once the batch is given back; the next run lists them, each once."""
+    from hpcllm.gateway.batches import runner as runner_module
+
+    leases, second_claimed, go = itertools.count(), threading.Event(), threading.Event()
+
+    class HandedBackAsItExpires(runner_module.LocalLease):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.number = next(leases)
+
+        def renew(self, **changes):
+            if self.number > 0:  # the next run: once the test has looked at what the first one wrote
+                second_claimed.set()
+                go.wait(60)
+                return super().renew(**changes)
+            self.batches.renew(self.claim, expires_at=int(time.time()) - 1)  # its 24 h are over
+            batch = super().renew(**changes)
+            self.give_up()  # the close, from its thread
+            return batch
+
+    monkeypatch.setattr(runner_module, "LocalLease", HandedBackAsItExpires)
+    worker, factory = gated_factory(blocked=-1)
+    gw = factory(batch_concurrency=1)
+    client = gw.client()
+    batch = submit(client, [completion_line(f"r{i}") for i in range(3)], endpoint="/v1/completions")
+    try:
+        assert second_claimed.wait(60)  # claimed again: the first run has ended
+        _, error_id = result_file_ids(batch.id)
+        partial = runner_module.partial_path(service_of(gw).runner.files, error_id)
+        assert partial.read_bytes() == b"", "the run wrote results after its batch was handed back"
+    finally:
+        go.set()
+    done = finished(client, batch.id)
+    assert done.status == "expired"
+    errors = results(client, done.error_file_id)
+    assert sorted(errors) == ["r0", "r1", "r2"]
+    assert all(line["error"]["code"] == "batch_expired" for line in errors.values())
+
+
 def test_a_draining_gateway_hands_its_batch_to_another_process(gated_factory, tmp_path):
     worker, factory, shared, first, batch = first_process_running_a_batch(gated_factory, tmp_path, blocked=0)
     drain_until_it_gives_its_batch_up(first, worker)
