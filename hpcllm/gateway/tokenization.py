@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from hpcllm.checkpoint.heads import SCORE_TEMPLATE_FILE, render_score_template
 from hpcllm.checkpoint.promptbound import NORMALIZATION_SLACK, longest_token_chars, min_tokens
 from hpcllm.gateway.chat.reasoning import THINK_END, THINK_START, ReasoningParser, template_thinks
-from hpcllm.gateway.chat.tool_calls import PARSERS, ToolCallParser, parser_for_template, template_formats
+from hpcllm.gateway.chat.tool_calls import PARSERS, ToolCallParser, known_format, template_format
 from hpcllm.gateway.errors import InternalError, InvalidRequest, ServiceUnavailable
 from hpcllm.gateway.routing import ModelCard
 from hpcllm.worker.protocol import INVALID_MESSAGES, chat_template_refusal
@@ -276,21 +276,17 @@ class PromptEncoder:
     def tool_call_parser(self, configured: str | None = None) -> ToolCallParser:
         """How this model writes tool calls: its config's tool_call_parser, else read from its chat template (a 400
         when that is not clear)."""
-        if configured is not None:
-            return PARSERS[configured]
-        return parser_for_template(self._tool_template)
+        return known_format(self.tool_call_format(configured))
 
     def tool_call_format(self, configured: str | None = None) -> ToolCallParser | None:
         """The format tool_call_parser says, or None where the template names none or several (no 400: a forced
         call's answer is read without it, only its ids take its shape)."""
-        if configured is not None:
-            return PARSERS[configured]
-        found = template_formats(self._tool_template)
-        return found[0] if len(found) == 1 else None
+        return PARSERS[configured] if configured is not None else self._template_format
 
-    @property
-    def _tool_template(self) -> str:
-        return self.tokenizer.get_chat_template(tools=[{}])  # the tool-use one, where a model has several
+    @cached_property
+    def _template_format(self) -> ToolCallParser | None:
+        """The format its tool-use chat template names (template_format), read once: the template never changes."""
+        return template_format(self.tokenizer.get_chat_template(tools=[{}]))  # the tool-use one, of several
 
     def special_token_ids(self, texts: tuple[str, ...]) -> dict[int, str]:
         """The ids of those of `texts` that are special tokens of this tokenizer (decoding skips them)."""

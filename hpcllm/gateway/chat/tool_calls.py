@@ -744,18 +744,23 @@ _PYTHONIC_EXAMPLE = "[func_name1(params_name1=params_value1"
 
 def parser_for_template(template: str) -> ToolCallParser:
     """The tool-call format of a chat template (that renders tools) when its text names exactly one known format;
-    else a 400: guessing wrong would return a model's calls as plain text."""
-    found = template_formats(template)
-    if len(found) != 1:
+    else a 400 (known_format)."""
+    return known_format(template_format(template))
+
+
+def known_format(found: ToolCallParser | None) -> ToolCallParser:
+    """The format a template names (template_format), else a 400: guessing wrong would return a model's calls as plain
+    text."""
+    if found is None:
         raise InvalidRequest(
             "this model's chat template renders tools but writes tool calls in no format this server knows "
             f"(it reads {', '.join(PARSERS)}); send the request without 'tools'", param="tools",
             code="unsupported_parameter")
-    return found[0]
+    return found
 
 
-def template_formats(template: str) -> list[ToolCallParser]:
-    """The known tool-call formats a chat template's text names."""
+def template_format(template: str) -> ToolCallParser | None:
+    """The known tool-call format a chat template's text names; None when it names none or several."""
     found = []
     if "<tool_call>" in template:  # Qwen3-Coder's XML calls are inside <tool_call> too
         found.append(PARSERS["qwen3_coder" if "<function=" in template else "hermes"])
@@ -766,7 +771,7 @@ def template_formats(template: str) -> list[ToolCallParser]:
     elif any(header in template for header in _LLAMA_HEADERS) and (
             "<|python_tag|>" in template or '"parameters"' in template):
         found.append(PARSERS["llama3_json"])
-    return found
+    return found[0] if len(found) == 1 else None
 
 
 class ToolCallStream:

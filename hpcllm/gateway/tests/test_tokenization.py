@@ -144,3 +144,33 @@ def test_a_chat_template_that_refuses_is_a_400_and_one_that_does_not_parse_a_500
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }"
     with pytest.raises(InternalError, match="chat template does not parse"):
         PromptEncoder(tokenizer).render_chat([{"role": "user", "content": "hi"}])
+
+
+def test_a_models_tool_call_format_is_read_from_its_chat_template_once(tiny_model_dir):
+    """Each request with tools (or a forced call) fetched the model's tool-use template and scanned it for the call
+    format again, though it never changes for a model; each request now gets the format read the first time, and one
+    naming no format the same 400 each time."""
+    from transformers import AutoTokenizer
+
+    from hpcllm.devmodels.tokenizer import CHAT_TEMPLATE, HERMES_TOOLS_CHAT_TEMPLATE
+    from hpcllm.gateway.chat.tool_calls import PARSERS
+    from hpcllm.gateway.errors import InvalidRequest
+    from hpcllm.gateway.tokenization import PromptEncoder
+
+    for template, format_ in ((HERMES_TOOLS_CHAT_TEMPLATE, PARSERS["hermes"]), (CHAT_TEMPLATE, None)):
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        tokenizer.chat_template = template
+        fetched = []
+        get_chat_template = tokenizer.get_chat_template
+        tokenizer.get_chat_template = lambda *args, **kwargs: fetched.append(kwargs) or get_chat_template(*args,
+                                                                                                            **kwargs)
+        encoder = PromptEncoder(tokenizer)
+        for _ in range(3):  # three requests
+            assert encoder.tool_call_format() is format_
+            if format_ is None:
+                with pytest.raises(InvalidRequest, match="no format this server knows"):
+                    encoder.tool_call_parser()
+            else:
+                assert encoder.tool_call_parser() is format_
+            assert encoder.tool_call_parser("pythonic") is PARSERS["pythonic"]  # the model's config says
+        assert len(fetched) == 1, fetched
