@@ -362,8 +362,12 @@ class ControllerRouter(Router):
             return self._status[1]
 
     def _fetch_status(self, admin_key: str) -> dict | None:
+        if self._outage is not None and time.monotonic() < self._skip_controller_until:  # as _get: not asked now
+            return None
         try:
-            resp = self._http.get("/v1/admin/status", timeout=STATUS_TIMEOUT_S,
+            # The router's connect timeout (a host dropping packets: every poll waits behind this one's connect).
+            timeout = httpx.Timeout(STATUS_TIMEOUT_S, connect=self._http.timeout.connect)
+            resp = self._http.get("/v1/admin/status", timeout=timeout,
                                   headers={"Authorization": f"Bearer {admin_key}"})
             resp.raise_for_status()
             status = resp.json()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import time
 
+import httpx
 import pytest
 
 from hpcllm.controller.app import create_app as create_controller_app
@@ -454,3 +455,34 @@ def test_a_failed_status_fetch_is_kept_for_the_period_only(make_gateway, counted
     assert resp.status_code == 200, resp.text
     assert [n["node_id"] for n in resp.json()["nodes"]] == ["gpu0001"]
     assert len(asked) == 2
+
+
+def test_a_controller_found_unreachable_is_not_asked_for_its_status_meanwhile(make_gateway, counted_status,
+                                                                               monkeypatch):
+    """A controller host dropping packets: the status fetch waited its own 30 s to connect (every poll of the process
+    queued behind it), not the router's connect timeout, and asked even while the router's other calls skip the
+    controller after a failure (2 s). Now it connects within the router's connect timeout, and a poll within the skip
+    answers 503 at once."""
+    from hpcllm.gateway.routing import ControllerUnreachable
+
+    gw = make_gateway(router=None, static_models={}, controller_url=counted_status.server.url, status_page_users=True,
+                      upstream_connect_timeout_seconds=3.0)
+    router, fetches = gw.state.router, []
+    get = router._http.get
+
+    def recorded(path, **kwargs):
+        if path == "/v1/admin/status":
+            fetches.append(httpx.Timeout(kwargs["timeout"]))
+        return get(path, **kwargs)
+
+    monkeypatch.setattr(router._http, "get", recorded)
+    assert gw.get("/v1/status").status_code == 200
+    assert [timeout.connect for timeout in fetches] == [3.0]
+    counted_status.server.stop()  # the controller's host goes away
+    with pytest.raises(ControllerUnreachable):  # a request finds the controller unreachable
+        router.list_models()
+    counted_status.next_period()  # a new status period, within the skip
+    resp = gw.get("/v1/status")
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "controller_unreachable", resp.text
+    assert len(fetches) == 1, "the status was asked of a controller the router skips"
+
