@@ -380,6 +380,11 @@ class ResponseStore:
         return StoredResponse(input=[json.loads(row["item"]) for row, out in zip(rows, own_output) if not out],
                               response=response)
 
+    def exists(self, owner: str, response_id: str) -> bool:
+        """Whether the owner has this response (get's None or not, without reading its conversation)."""
+        with self.shared.connection() as db:
+            return self._visible(db, owner, response_id, RESPONSE) is not None
+
     def items(self, owner: str, item_ids: list[str]) -> dict[str, dict[str, Any]]:
         """The owner's items with these ids, by id (the latest stored, where a client sent one id twice; an id it
         has none of left out): what item_reference input items name, read in one query."""

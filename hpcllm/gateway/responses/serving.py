@@ -266,7 +266,8 @@ def delete_response(gw: Gateway, ctx: RequestContext, response_id: str) -> dict[
 def cancel_response(gw: Gateway, ctx: RequestContext, response_id: str) -> NoReturn:
     """OpenAI's cancel is for responses made with background: true, which this server refuses: every response it
     stored has already ended, and is refused as OpenAI refuses one that was not made in the background."""
-    stored_response(gw, ctx, response_id)  # 404 for an id the key cannot see
+    if not gw.responses.exists(owner_of(ctx.api_key), response_id):  # its conversation is not needed
+        raise _not_found(response_id)
     raise InvalidRequest("Cannot cancel a synchronous response.", param="response_id")
 
 

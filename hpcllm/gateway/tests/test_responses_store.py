@@ -135,12 +135,18 @@ def test_other_paths_and_methods_are_refused_as_elsewhere(gateway):
     assert_error(gateway.get(f"/v1/responses/{response_id}", key=None), 401, "missing_api_key")
 
 
-def test_cancelling_a_response_is_refused_as_openai_refuses_one_not_made_in_the_background(make_gateway):
+def test_cancelling_a_response_is_refused_as_openai_refuses_one_not_made_in_the_background(make_gateway,
+                                                                                           monkeypatch):
+    """The refusal reads none of the response's conversation (it loaded the whole previous_response_id chain, every
+    item decoded, to answer a 400)."""
     gw = make_gateway(api_keys=[{"key": USER_KEY, "name": "alice"}, {"key": OTHER_KEY, "name": "bob"}])
     mine = gw.client().responses.create(model=MODEL, input="hi", max_output_tokens=2)
+    loaded, get = [], gw.state.responses.get
+    monkeypatch.setattr(gw.state.responses, "get", lambda *args: loaded.append(args) or get(*args))
     with pytest.raises(openai.BadRequestError) as refused:
         gw.client().responses.cancel(mine.id)
     assert "synchronous" in refused.value.message and refused.value.param == "response_id"
+    assert loaded == []
     assert gw.client().responses.retrieve(mine.id) == mine  # left as it was
     for response_id in (mine.id, "resp_" + "0" * 32):  # another key's is an unknown id, not an unknown URL
         assert_error(gw.post(f"/v1/responses/{response_id}/cancel", key=OTHER_KEY), 404, "not_found", "response_id")
