@@ -247,10 +247,11 @@ class FileStore:
                     db.conn.execute("DELETE FROM gateway_files WHERE id = ?", (file_id,))
         removed = 0
         for row in gone:  # a deleted file's bytes went with its deletion; others' go with the first sweep
-            path = self.path(row["id"])
-            if path.exists():
-                path.unlink(missing_ok=True)
-                removed += 1
+            try:
+                self.path(row["id"]).unlink()
+            except FileNotFoundError:  # gone already (a day's expired rows are seen by every sweep till forgotten)
+                continue
+            removed += 1
         self._remove_abandoned_uploads()
         return removed
 
