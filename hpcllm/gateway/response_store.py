@@ -453,11 +453,19 @@ class ResponseStore:
                 return None
             return self._items(db, conversation_id)
 
-    @staticmethod
-    def _items(db: Database, conversation_id: str) -> tuple[list[dict[str, Any]], int]:
+    @classmethod
+    def _items(cls, db: Database, conversation_id: str) -> tuple[list[dict[str, Any]], int]:
         """read_conversation's items and largest `seq`, of a conversation known to be there."""
-        rows = db.conn.execute("SELECT seq, item FROM gateway_items WHERE holder = ? ORDER BY seq",
+        return cls._decoded(cls._item_rows_of(db, conversation_id))
+
+    @staticmethod
+    def _item_rows_of(db: Database, conversation_id: str) -> list:
+        return db.conn.execute("SELECT seq, item FROM gateway_items WHERE holder = ? ORDER BY seq",
                                (conversation_id,)).fetchall()
+
+    @staticmethod
+    def _decoded(rows: list) -> tuple[list[dict[str, Any]], int]:
+        """_items' answer from its rows."""
         return [json.loads(row["item"]) for row in rows], rows[-1]["seq"] if rows else 0
 
     def conversation_item(self, owner: str, conversation_id: str, item_id: str) -> dict[str, Any] | None:
@@ -514,7 +522,8 @@ class ResponseStore:
                 return None
             if not self.shared.hold_slot(db, f"conversation:{conversation_id}", turn_id, 1):
                 return False
-            return self._items(db, conversation_id)
+            rows = self._item_rows_of(db, conversation_id)
+        return self._decoded(rows)  # after the commit: other writers wait for the transaction, not the decoding
 
     def end_turn(self, turn_id: str) -> None:
         """Free begin_turn's hold (again: a no-op)."""
