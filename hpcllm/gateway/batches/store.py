@@ -25,7 +25,7 @@ from hpcllm.gateway.batches import ACTIVE
 from hpcllm.gateway.batches.protocol import BatchObject
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.files.protocol import PageQuery
-from hpcllm.gateway.files.store import LIVE, PLACE_KEPT_S, FileStore, StoredFile, page
+from hpcllm.gateway.files.store import LIVE, PLACE_KEPT_S, FileStore, StoredFile, live_clause, page
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS gateway_batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL,
@@ -136,7 +136,7 @@ class BatchStore:
     def get(self, owner: str, batch_id: str, *, gone_too: bool = False) -> BatchRow | None:
         """The owner's batch; None when there is none (unknown, another owner's, or gone with its files unless
         gone_too: its row, kept PLACE_KEPT_S, still places a list's next page)."""
-        live, now = ("", ()) if gone_too else (f" AND {LIVE}", (self.files.clock(),))
+        live, now = live_clause(self.files.clock, gone_too)
         with self.shared.connection() as db:
             row = db.conn.execute(f"SELECT * FROM gateway_batches WHERE id = ? AND owner = ?{live}",
                                   (batch_id, owner, *now)).fetchone()
@@ -151,8 +151,9 @@ class BatchStore:
         """Ask the batch's runner to stop (status cancelling); None when the owner has no such batch, a 400 when it
         has already ended."""
         with self.shared.transaction() as db:
-            row = db.conn.execute(f"SELECT * FROM gateway_batches WHERE id = ? AND owner = ? AND {LIVE}"
-                                  + self.shared.for_update(), (batch_id, owner, self.files.clock())).fetchone()
+            live, now = live_clause(self.files.clock)
+            row = db.conn.execute(f"SELECT * FROM gateway_batches WHERE id = ? AND owner = ?{live}"
+                                  + self.shared.for_update(), (batch_id, owner, *now)).fetchone()
             if row is None:
                 return None
             batch = _row(row).batch

@@ -82,6 +82,12 @@ def _stored(row) -> StoredFile:
     return StoredFile(row["id"], row["created"], row["filename"], row["purpose"], row["bytes"], row["expires"])
 
 
+def live_clause(clock: Callable[[], float], expired_too: bool = False) -> tuple[str, tuple[float, ...]]:
+    """The condition a row's lookup adds for LIVE (" AND ..." and its parameter), none when its expired row is asked
+    for too (a file's or an ended batch's, kept PLACE_KEPT_S: a list's `after` naming it still places the next page)."""
+    return ("", ()) if expired_too else (f" AND {LIVE}", (clock(),))
+
+
 class FileStore:
     def __init__(self, shared: SharedState, directory: Path, *, max_bytes: int, ttl_s: float = 0,
                  quota_bytes: int = 0, clock: Callable[[], float] = time.time):
@@ -180,7 +186,7 @@ class FileStore:
     def get(self, owner: str, file_id: str, *, expired_too: bool = False) -> StoredFile | None:
         """The owner's file, None when there is none (unknown, deleted, another owner's, or expired unless
         expired_too: a running batch still reads its input after it expired)."""
-        live, now = ("", ()) if expired_too else (f" AND {LIVE}", (self.clock(),))
+        live, now = live_clause(self.clock, expired_too)
         with self.shared.connection() as db:
             row = db.conn.execute(f"SELECT * FROM gateway_files WHERE id = ? AND owner = ?{live}",
                                   (file_id, owner, *now)).fetchone()
