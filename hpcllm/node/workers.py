@@ -595,7 +595,7 @@ class WorkerManager:
         """Keep node.spare_workers spare workers (imports done) waiting, while this agent takes instances, but no
         more than free slots: where every slot is taken no instance can start, and an idle spare would only hold
         its memory (its host pool, its imports twice with its model process) and CPU beside the running streams.
-        A stop that frees a slot calls this again; a start that took no spare (vLLM, tensor-parallel ranks) and
+        The heartbeat a stop wakes calls this again; a start that took no spare (vLLM, tensor-parallel ranks) and
         filled the slots ends those beyond the free slots here."""
         with self._lock:
             self.settle_spares()
@@ -831,10 +831,10 @@ class WorkerManager:
             if error:
                 inst.error = error
             self._new_version()
+        log.info("instance %s (%s): %s%s", inst.instance_id, inst.model, state, f": {error}" if error else "")
+        self.on_change()  # first: the heartbeat saying it is ready must not wait for a surplus spare to end
         if was_loading:
             self.ensure_spares()  # after the load, not during it: a spare's imports would compete for the CPU
-        log.info("instance %s (%s): %s%s", inst.instance_id, inst.model, state, f": {error}" if error else "")
-        self.on_change()
 
     def _poll_ready(self, inst: Instance) -> None:
         """Ask the worker's /ready: loading -> ready, its request counts; a ready worker's failed answers are
@@ -1196,9 +1196,7 @@ class WorkerManager:
                 # re-hashes the copies a failed load may have found corrupt (_replace_corrupt_copy): it forgets the
                 # instance when it ends.
                 self._leftovers[instance_id] = inst
-        if not self.loading():  # its slot is free: a spare for the next start (a load's end starts it otherwise)
-            self.ensure_spares()
-        self.on_change()
+        self.on_change()  # the heartbeat it wakes starts a spare for the freed slot (ensure_spares)
         return inst
 
     @staticmethod

@@ -36,6 +36,8 @@ def test_no_spare_waits_while_the_only_slot_is_taken_and_a_freed_slot_gets_it_ba
         assert list(workers.run_dir.glob("spare-*.log")) == []
 
         workers.stop(first.instance_id)
+        assert workers._spares == []  # not on the stop request's path: the heartbeat the stop wakes starts it
+        agent.beat()
         [back] = workers._spares  # the slot is free again: a spare for the next start
         assert back.process.poll() is None
         second = workers.start(StartInstance(model="tiny-llama", source=str(converted)))
@@ -68,9 +70,19 @@ def test_a_start_that_takes_no_spare_and_fills_the_slots_ends_the_waiting_spare(
         workers.ensure_spares()
         [spare] = workers._spares
         monkeypatch.setattr(workers, "_assign_spare", lambda *args, **kwargs: None)  # as for vLLM or mpirun ranks
+        spare_at_ready = []  # whether the spare still ran when the heartbeat saying "ready" was woken
+        wake = workers.on_change
+
+        def on_change():
+            if not spare_at_ready and any(i.state == "ready" for i in workers.instances()):
+                spare_at_ready.append(spare.process.poll() is None)
+            wake()
+
+        workers.on_change = on_change
         inst = workers.start(StartInstance(model="tiny-llama", source=str(converted)))
         assert inst.process.pid != spare.process.pid
-        wait_for(lambda: inst.state == "ready", what="the instance to serve")
+        wait_for(lambda: spare_at_ready, what="the heartbeat saying the instance is ready to be woken")
+        assert spare_at_ready == [True], "the ready heartbeat (a cold start's request waits on it) waited for the spare"
         agent.beat()
         assert workers._spares == []
         # Ended by the thread that saw the slots fill (the instance's watcher, at ready), outside the lock.
@@ -99,6 +111,7 @@ def test_a_model_pool_agent_keeps_no_spare_beside_its_pinned_instance(tmp_path, 
         assert workers._spares == []
 
         workers.stop(inst.instance_id)
+        agent.beat()
         [back] = workers._spares
         assert back.process.poll() is None
     finally:
