@@ -402,9 +402,13 @@ class WorkerManager:
         """GPUs of active instances, and of failed or stopped ones whose worker still runs (an unhealthy worker being
         stopped holds its GPU memory until it is gone, a tensor-parallel one until its last rank is, one that outlived
         its SIGKILL as long as it lives)."""
+        return {g for inst in self._holding() for g in inst.gpu_ids}
+
+    def _holding(self) -> list[Instance]:
+        """The instances holding their slot here: active ones, and stopped or failed ones still running."""
         with self._lock:
             watched = [*self._instances.values(), *self._leftovers.values()]
-        return {g for inst in watched if inst.active or self._still_running(inst) for g in inst.gpu_ids}
+        return [inst for inst in watched if inst.active or self._still_running(inst)]
 
     @staticmethod
     def _still_running(inst: Instance) -> bool:
@@ -581,14 +585,12 @@ class WorkerManager:
         controller.cpu_slots_per_node, which it places CPU instances by) not taken by a CPU instance's ranks here,
         counted as gpus_in_use counts (active instances, and stopped or failed ones whose processes still run); at
         most max_instances less those."""
-        with self._lock:
-            watched = [inst for inst in [*self._instances.values(), *self._leftovers.values()]
-                       if inst.active or self._still_running(inst)]
-        cpu_ranks = sum(inst.ranks // inst.nodes for inst in watched if not inst.gpu_ids)
+        holding = self._holding()
+        cpu_ranks = sum(inst.ranks // inst.nodes for inst in holding if not inst.gpu_ids)
         free_cpu = max(0, self.config.controller.cpu_slots_per_node - cpu_ranks)
-        free = free_cpu + self.gpus.count - len(self.gpus_in_use())
+        free = free_cpu + self.gpus.count - len({g for inst in holding for g in inst.gpu_ids})
         if self.max_instances is not None:
-            free = min(free, max(0, self.max_instances - len(watched)))
+            free = min(free, max(0, self.max_instances - len(holding)))
         return free
 
     def ensure_spares(self) -> None:
@@ -604,19 +606,16 @@ class WorkerManager:
                     self._forget_dead_spare(spare)
             wanted = min(self.config.node.spare_workers, self.free_slots())
             surplus, self._spares = self._spares[wanted:], self._spares[:wanted]
-        self._end_spares(surplus)  # outside the lock: each may take seconds to go
-        with self._lock:
-            if time.monotonic() < self._spare_retry_at:
-                return
-            wanted = min(self.config.node.spare_workers, self.free_slots())
-            while self.accepting and len(self._spares) < wanted:
+            backing_off = time.monotonic() < self._spare_retry_at
+            while not backing_off and self.accepting and len(self._spares) < wanted:  # never with a surplus
                 try:
                     self._spares.append(self._spawn_spare())
-                except Exception as exc:  # any (the worker's environment, an HpcllmError): the load's end, stop or
-                    # heartbeat that called goes on; a quick death, so a start that fails every time backs off
+                except Exception as exc:  # any (the worker's environment, an HpcllmError): the caller (a
+                    # load's end, a heartbeat) goes on; a quick death, so a start that fails every time backs off
                     log.warning("cannot start a spare worker: %s", exc)
                     self._spare_ended(settled=False)
-                    return
+                    break
+        self._end_spares(surplus)  # outside the lock: each may take seconds to go
 
     def settle_spares(self) -> None:
         """Mark the spares seen alive SPARE_IMPORT_SECONDS after their start: a later death (the OOM killer while
