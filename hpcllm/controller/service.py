@@ -811,11 +811,9 @@ class Controller:
             overtaken=lambda: not self._agent_changes.newer_report(node_id, report, now, stopped_since))
         if outcome.became_ready:
             self._start_costs = None  # learn from the new cold starts at the next placement
-        # A group's own pool serves that group only: another group's demand for the model stays (docs/controller.md).
-        serves_everyone = known is not None and visible_to(known.serves_group, None)
+        # The demand it answers is cleared by the autoscaler's next step (Autoscaler._ensure_min_and_demand), which
+        # counts only what serves everyone: a group's own pool leaves another group's demand for the model.
         for cold in outcome.became_ready:
-            if serves_everyone:
-                self.registry.clear_demand(cold.model)
             for listener in self.cold_start_listeners:
                 listener(cold)
             log.info("cold start of %s on %s done: %.2f s to ready (load %s s from %s, estimate %s s)", cold.model,

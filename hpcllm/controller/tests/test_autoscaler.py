@@ -92,6 +92,8 @@ def test_demand_without_capacity_becomes_an_allocation_that_serves_it(harness):
     assert harness.agents.started == [("http://n2:9000", "m", [0])]
     harness.heartbeat("n2", tier="sharedfs")
     assert harness.controller.route("m").status == "ready"
+    report = harness.tick(1)  # the served demand is forgotten: nothing more is started for it
+    assert not [k for k, _ in report.kinds() if k == "start_for_demand"]
     assert harness.registry.demand() == {}
 
 
