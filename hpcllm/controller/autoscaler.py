@@ -266,7 +266,7 @@ class Autoscaler:
             keep_alive = model.keep_alive_seconds
             if keep_alive is None:
                 keep_alive = self.settings.keep_alive_seconds
-            active = self.controller.counted_instances(model.name, by_model.get(model.name, []), routable)
+            active = self.controller.counted_instances(by_model.get(model.name, []))
             idle = sorted((i for i in active if i.state == "ready" and i.load == 0
                            and now - max(i.last_used, started_at) >= keep_alive and i.node_id not in pool_nodes),
                           key=lambda i: (i.last_used, i.instance_id))
@@ -288,7 +288,7 @@ class Autoscaler:
             if inst.state in ("ready", "loading") and inst.node_id in routable:
                 active_by_model[inst.model].append(inst)
         for model in self.registry.models():
-            active = self.controller.counted_instances(model.name, active_by_model[model.name], routable)
+            active = self.controller.counted_instances(active_by_model[model.name])
             wanted = model.name in demand
             if wanted:
                 keep_alive = model.keep_alive_seconds if model.keep_alive_seconds is not None \

@@ -271,9 +271,9 @@ class Controller:
         # `hpcllm status`: the registry drops failed instances, their reason would be lost otherwise.
         self._failures: OrderedDict[str, InstanceFailure] = OrderedDict()
         self._failures_lock = threading.Lock()
-        # Model pools whose agent reported a failed load (_failed_pools), by node: its model and when. Apart from
-        # `_failures`, which keeps only the latest: other nodes' failures must not make the pool waited for again.
-        self._failed_pool_loads: dict[str, tuple[str, float]] = {}
+        # Model pools (node ids) whose agent reported a failed load since it registered (counted_instances). Apart
+        # from `_failures`, which keeps only the latest: other nodes' failures must not make the pool waited for again.
+        self._failed_pool_loads: set[str] = set()
         # The expiries of the live migration tickets issued to node tokens, by source instance (MAX_LIVE_TICKETS).
         self._live_tickets: dict[str, list[float]] = {}
         self._live_tickets_lock = threading.Lock()
@@ -734,7 +734,7 @@ class Controller:
             raise
         self._agent_changes.forget_node(node.node_id)  # with the node's old instances (a new agent process)
         with self._failures_lock:
-            self._failed_pool_loads.pop(node.node_id, None)  # a new job's agent: its loads are waited for again
+            self._failed_pool_loads.discard(node.node_id)  # a new job's agent: its loads are waited for again
         log.info("node %s registered (agent %s, job %s, %d gpus, %d cached%s)", node.node_id, node.agent_url,
                  node.slurm_job_id, node.gpus, len(reg.cached),
                  f"; model pool of {node.pool_model}: routed to, never placed on" if node.is_pool else "")
@@ -842,7 +842,7 @@ class Controller:
                 instance_id=failed.instance_id, model=failed.model, node_id=node_id, error=failed.error,
                 failed_at=now)
             if pool:
-                self._failed_pool_loads[node_id] = (failed.model, now)
+                self._failed_pool_loads.add(node_id)
             while len(self._failures) > RECENT_FAILURES:
                 self._failures.popitem(last=False)
 
@@ -888,7 +888,7 @@ class Controller:
         nodes = self.routable_nodes(group)
         routable = set(nodes)
         ready = [i for i in instances if i.state == "ready" and i.worker_url and i.node_id in routable]
-        loading = [i for i in self.counted_instances(name, instances, nodes)
+        loading = [i for i in self.counted_instances(instances)
                    if i.state == "loading" and i.node_id in routable]
         if ready:
             best = min(ready, key=lambda i: (i.load, i.instance_id))
@@ -967,7 +967,7 @@ class Controller:
         """The instance already loading (concurrent requests wait for it); NoCapacity at max_instances (counting
         what `group` may be routed to: another group's pool does not count)."""
         routable = self.routable_nodes(group, exclude_nodes)
-        active = [i for i in self.counted_instances(model.name, self.registry.instances(model=model.name), routable)
+        active = [i for i in self.counted_instances(self.registry.instances(model=model.name))
                   if i.state in ("ready", "loading") and i.node_id in routable]
         loading = [i for i in active if i.state == "loading"]
         if loading:  # one cold start at a time per model: concurrent requests wait for it
@@ -977,20 +977,15 @@ class Controller:
                              retry_after=self.settings.route_retry_after_seconds)
         return None
 
-    def counted_instances(self, model: str, instances: list[InstanceRecord],
-                          nodes: dict[str, NodeRecord]) -> list[InstanceRecord]:
-        """Those of `model`'s `instances` that count as its capacity (a cold start to wait for, one of min_instances
-        or max_instances): all but the next load of a pool among `nodes` that failed to load it (_failed_pools)."""
-        failed = self._failed_pools(model, nodes)
-        return [i for i in instances if not (i.state == "loading" and i.node_id in failed)]
-
-    def _failed_pools(self, model: str, nodes: dict[str, NodeRecord]) -> set[str]:
-        """Model pools among `nodes` whose agent reported a failed load of `model` since it registered. Their agent
-        starts it again by itself after each failure, and a load that fails late is loading nearly all the time:
-        its next load is no cold start to wait for (nor one of max_instances), the model starts elsewhere."""
+    def counted_instances(self, instances: list[InstanceRecord]) -> list[InstanceRecord]:
+        """Those of `instances` that count as their model's capacity (a cold start to wait for, one of
+        min_instances or max_instances): all but the loads on a model pool whose agent reported a failed load since
+        it registered (a pool runs only its model). Its agent starts the model again by itself after each failure,
+        and a load that fails late is loading nearly all the time: its next load is no cold start to wait for (nor
+        one of max_instances), the model starts elsewhere."""
         with self._failures_lock:
-            failed = [(node_id, at) for node_id, (m, at) in self._failed_pool_loads.items() if m == model]
-        return {node_id for node_id, at in failed if node_id in nodes and at >= nodes[node_id].registered_at}
+            failed = set(self._failed_pool_loads)
+        return [i for i in instances if not (i.state == "loading" and i.node_id in failed)]
 
     def _ask_agent(self, model: DeployedModel, node: NodeRecord, gpu_ids: list[int],
                    reservation: str) -> RouteWaiting:
