@@ -429,6 +429,14 @@ class NodeAgent:
             delay = min(delay * 2, 10.0)
         return False
 
+    def _give_up(self, reason: str, message: str) -> bool:
+        """The controller counts no heartbeat of this agent again: drain and exit (telling it nothing more) rather
+        than hold the job's workers for nothing. False: the failed heartbeat's answer."""
+        log.error("%s; this agent stops its workers and exits", message)
+        self.registered = False
+        self.request_drain(reason)
+        return False
+
     def heartbeat(self) -> bool:
         """One heartbeat; registers again when the controller does not know this node. False if it failed."""
         version, rates, cached = self._rates_version, {}, self.cache_entries()
@@ -465,21 +473,16 @@ class NodeAgent:
             # The controller takes this agent's node token no more (a pool token revoked, an allocation's job over):
             # no heartbeat of it counts again and it may not register, so it drains and exits rather than hold its
             # job's GPUs for nothing, beating for ever.
-            log.error("the controller %s refused this agent's credential (%s); this agent stops its workers and "
-                      "exits", self.controller_url, error_of(resp)[1])
-            self.registered = False
-            self.request_drain("credential refused")
-            return False
+            return self._give_up("credential refused", f"the controller {self.controller_url} refused this agent's "
+                                 f"credential ({error_of(resp)[1]})")
         if resp.status_code == AgentReplaced.http_status and error_of(resp)[0].get("code") == AgentReplaced.code:
             # Another `hpcllm node` registered this node after this process (two on one node): none of this one's
             # heartbeats counts any more, so it would keep its workers for nothing. It drains and exits, telling
             # the controller nothing more (its drain's heartbeats would be refused too).
-            log.error("another agent process registered node %s with the controller %s after this one (two "
-                      "`hpcllm node` on one node?): %s; this agent stops its workers and exits", self.node_id,
-                      self.controller_url, error_of(resp)[1])
-            self.registered = False
-            self.request_drain("replaced by another agent process")
-            return False
+            return self._give_up("replaced by another agent process",
+                                 f"another agent process registered node {self.node_id} with the controller "
+                                 f"{self.controller_url} after this one (two `hpcllm node` on one node?): "
+                                 f"{error_of(resp)[1]}")
         if resp.status_code == 400 and rates and self._refuses(resp, ("tiers", "h2d_gbps")):
             # A controller older than this agent takes no rates in a heartbeat: it keeps the registered ones, and
             # the heartbeat goes again without them (else it fails until the node is declared lost).
