@@ -688,12 +688,9 @@ class Controller:
         """The principal of an allocation or pool token (CredentialError 401: unknown, wrong or revoked)."""
         credential_id, secret = parse_token(token)
         record = self.registry.get_credential(credential_id)
-        if record is None or not secret_matches(secret, record.secret_hash):
-            raise CredentialError(f"unknown hpcllm token {credential_id}", status=401)
-        if record.revoked:
-            raise CredentialError(f"hpcllm token {credential_id} was revoked"
-                                  f"{' (its Slurm job ended)' if record.kind == 'allocation' else ''}", status=401)
-        return _principal(record)
+        if record is not None and not secret_matches(secret, record.secret_hash):
+            record = None  # a wrong secret is told as an unknown token
+        return _principal_of(credential_id, record)
 
     def worker_key_of(self, node: NodeRecord) -> str:
         """The key the node's agent and workers accept: the cluster secret, or a token-registered node's key."""
@@ -1710,16 +1707,11 @@ class Controller:
                 # Not fatal: if the agent is really gone its heartbeats stop and the autoscaler declares it lost.
                 log.warning("reconcile: node %s did not answer (%s)", node.node_id, exc)
                 continue
-            # What its agent may announce, as for its heartbeats: a pool token's agent, its own model only.
-            principal = CLUSTER
-            if not on_cluster_secret(node.credential_id):
-                credential = self.registry.get_credential(node.credential_id)
-                if credential is None:  # its heartbeats get 401: it may announce nothing
-                    log.error("reconcile: the instance list of node %s is refused: it registered with token %s, "
-                              "which this controller does not hold", node.node_id, node.credential_id)
-                    continue
-                principal = _principal(credential)
+            # What its agent may announce, as for its heartbeats: a pool token's agent, its own model only; one whose
+            # token is missing or revoked (its heartbeats get 401), nothing.
             try:
+                principal = CLUSTER if on_cluster_secret(node.credential_id) \
+                    else _principal_of(node.credential_id, self.registry.get_credential(node.credential_id))
                 check_models(principal, [i.model for i in instances])
             except CredentialError as exc:
                 log.error("reconcile: the instance list of node %s is refused: %s", node.node_id, exc)
@@ -1741,6 +1733,16 @@ class Controller:
                  len(self.registry.instances()), len(self.registry.allocations(active_only=True)))
         if slurm_failed is not None:
             raise slurm_failed
+
+
+def _principal_of(credential_id: str, record: CredentialRecord | None) -> Principal:
+    """The principal of a token's record (CredentialError 401: missing or revoked)."""
+    if record is None:
+        raise CredentialError(f"unknown hpcllm token {credential_id}", status=401)
+    if record.revoked:
+        raise CredentialError(f"hpcllm token {credential_id} was revoked"
+                              f"{' (its Slurm job ended)' if record.kind == 'allocation' else ''}", status=401)
+    return _principal(record)
 
 
 def _principal(record: CredentialRecord) -> Principal:

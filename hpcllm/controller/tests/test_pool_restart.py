@@ -55,3 +55,24 @@ def test_a_restart_takes_nothing_from_an_agent_whose_token_the_controller_no_lon
     assert [i.instance_id for i in h.registry.instances(model="secret")] == []
     with pytest.raises(NoCapacity):
         h.controller.route("secret")
+
+
+def test_a_restart_takes_nothing_from_an_agent_whose_token_was_revoked(make_harness):
+    """A node still up with a revoked token (the controller stopped between the revoke and marking the node lost;
+    its heartbeats get 401 and its agent drains): a restarted controller takes no new instance from its list."""
+    h = make_harness(allocate_on_demand=False)
+    h.deploy("m")
+    issued = h.controller.issue_pool_token(PoolTokenRequest(model="m", group="physics"))
+    h.backend.run_job("71", "pool1")
+    h.controller.register(NodeRegistration(node_id="pool1", agent_url="http://pool1:9000", slurm_job_id="71",
+                                           pool_model="m"), h.controller.authenticate_token(issued.token))
+    h.agents._agent("http://pool1:9000").add(InstanceInfo(
+        instance_id="pool-m-2", model="m", state="ready", worker_url="http://pool1:9000/workers/x",
+        gpu_ids=[], load_tier="sharedfs", load_seconds=1.0))
+    h.registry.revoke_credential(issued.credential_id, h.clock())
+
+    restart(h)
+
+    assert [i.instance_id for i in h.registry.instances(model="m")] == []
+    with pytest.raises(NoCapacity):
+        h.controller.route("m", group="physics")
