@@ -71,7 +71,7 @@ def test_a_restart_takes_nothing_from_an_agent_whose_token_was_revoked(make_harn
         gpu_ids=[], load_tier="sharedfs", load_seconds=1.0))
     h.registry.revoke_credential(issued.credential_id, h.clock())
 
-    restart(h)
+    h.restart_controller()
 
     assert [i.instance_id for i in h.registry.instances(model="m")] == []
     with pytest.raises(NoCapacity):
