@@ -29,6 +29,7 @@ step, and a drain is the agent's business (it stops its workers with SIGTERM whe
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -115,6 +116,28 @@ def mpi_launch(ranks: int, cpu: bool) -> list[str]:
     command = [MPIRUN, "-n", str(ranks), "--oversubscribe", "--bind-to", "none",
                "--mca", "plm", "isolated", "--mca", "ras", "^slurm"]
     return command + (["--mca", "mpi_yield_when_idle", "1"] if cpu else [])
+
+
+def not_open_mpi(mpirun: str) -> str | None:
+    """What `mpirun --version` says when mpirun is not Open MPI's, else None: mpi_launch passes Open MPI's options
+    (MPICH's and Intel MPI's hydra have no `--mca`) and only Open MPI's forwarding of mpirun_stop_signal to the ranks
+    is known to stop them. Asked once per installed file (path and modification time)."""
+    try:
+        mtime = os.stat(mpirun).st_mtime_ns
+    except OSError as exc:
+        return f"cannot stat it: {exc}"
+    return _not_open_mpi(mpirun, mtime)
+
+
+@functools.lru_cache(maxsize=8)
+def _not_open_mpi(mpirun: str, mtime: int) -> str | None:
+    try:
+        done = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"`{mpirun} --version` failed: {exc}"
+    said = " | ".join(line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip())
+    return None if "Open MPI" in said else f"`{mpirun} --version` says: {said[:200] or 'nothing'}"
 
 
 def mpirun_stop_signal(config: Config) -> signal.Signals:
@@ -474,9 +497,15 @@ class WorkerManager:
                                 f"ranks: give each rank the same number of GPUs")
         if req.nodes > 1:
             self._check_spanning(req)
-        elif shutil.which(MPIRUN) is None:
+        elif (mpirun := shutil.which(MPIRUN)) is None:
             raise InstanceError(f"tensor_parallel = {req.tensor_parallel} needs {MPIRUN!r} on this node's PATH "
                                 f"(OpenMPI: apt-get install openmpi-bin, or the site's MPI module)")
+        elif (other := not_open_mpi(mpirun)) is not None:
+            raise InstanceError(f"tensor_parallel = {req.tensor_parallel} needs Open MPI's {MPIRUN!r}, but {mpirun} "
+                                f"is not Open MPI ({other}): the agent passes it Open MPI's options (--mca) and "
+                                f"relies on it forwarding the stop signal to the ranks; put Open MPI's mpirun "
+                                f"first on this node's PATH (apt-get install openmpi-bin, or the site's Open MPI "
+                                f"module)")
 
     def _check_spanning(self, req: StartInstance) -> None:
         """An instance over several nodes needs a Slurm job of that many nodes around this agent, and srun."""

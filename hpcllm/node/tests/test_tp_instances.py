@@ -250,6 +250,28 @@ def test_tensor_parallel_starts_this_node_cannot_run_are_refused(client, tp_conv
     assert client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"] == []
 
 
+def test_a_tensor_parallel_start_with_another_mpis_mpirun_is_refused_naming_it(client, tp_converted, tmp_path,
+                                                                                  monkeypatch):
+    """The agent launches the ranks with Open MPI's options (--mca, --oversubscribe) and stops them with a signal
+    Open MPI's mpirun forwards: MPICH's mpirun (hydra) first on the PATH was started anyway (202), to fail or not
+    stop later. Now the start is refused saying which mpirun it found and what to install; Open MPI's is accepted."""
+    from hpcllm.node.workers import not_open_mpi
+
+    assert not_open_mpi(shutil.which("mpirun")) is None
+    hydra = tmp_path / "mpich" / "mpirun"
+    hydra.parent.mkdir()
+    hydra.write_text("#!/bin/sh\necho 'HYDRA build details:'\necho '    Version:  4.0.2'\n")
+    hydra.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{hydra.parent}{os.pathsep}{os.environ['PATH']}")
+    resp = client.post("/v1/internal/instances", headers=AUTH, json={
+        "model": "tp-llama", "source": str(tp_converted), "tensor_parallel": 2})
+    assert resp.status_code == 400, resp.get_json()
+    message = resp.get_json()["error"]["message"]
+    assert f"needs Open MPI's 'mpirun', but {hydra} is not Open MPI" in message, message
+    assert "HYDRA build details:" in message and "openmpi-bin" in message, message
+    assert client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"] == []
+
+
 def test_starts_spanning_nodes_this_agent_cannot_run_are_refused(client, tp_converted, monkeypatch):
     """Ranks over 2 nodes start with srun inside the agent's own allocation of (at least) 2 nodes; the agent's
     drain signal must not be the one that stops them."""
