@@ -118,10 +118,16 @@ def mpi_launch(ranks: int, cpu: bool) -> list[str]:
     return command + (["--mca", "mpi_yield_when_idle", "1"] if cpu else [])
 
 
+# What the --version of MPICH's and Intel MPI's hydra (and MVAPICH, built on it) prints.
+OTHER_MPI_MARKS = ("HYDRA", "MPICH", "Intel(R) MPI", "MVAPICH")
+
+
 def not_open_mpi(mpirun: str) -> str | None:
-    """What `mpirun --version` says when mpirun is not Open MPI's, else None: mpi_launch passes Open MPI's options
-    (MPICH's and Intel MPI's hydra have no `--mca`) and only Open MPI's forwarding of mpirun_stop_signal to the ranks
-    is known to stop them. Asked once per installed file (path and modification time)."""
+    """What `mpirun --version` says when it names a launcher known not to be Open MPI's (OTHER_MPI_MARKS), else None:
+    mpi_launch passes Open MPI's options (MPICH's and Intel MPI's hydra have no `--mca`) and only Open MPI's
+    forwarding of mpirun_stop_signal to the ranks is known to stop them. Launchers built on Open MPI that print their
+    own name (IBM Spectrum MPI) take its options, so only known others are refused. Asked once per installed file
+    (path and modification time)."""
     try:
         mtime = os.stat(mpirun).st_mtime_ns
     except OSError as exc:
@@ -137,7 +143,9 @@ def _not_open_mpi(mpirun: str, mtime: int) -> str | None:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"`{mpirun} --version` failed: {exc}"
     said = " | ".join(line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip())
-    return None if "Open MPI" in said else f"`{mpirun} --version` says: {said[:200] or 'nothing'}"
+    if not any(mark in said for mark in OTHER_MPI_MARKS):
+        return None
+    return f"`{mpirun} --version` says: {said[:200]}"
 
 
 def mpirun_stop_signal(config: Config) -> signal.Signals:
