@@ -263,3 +263,18 @@ def test_a_resumed_request_rebuilds_the_same_detokenizer_from_its_tokens(model_d
         for token in ids[:cut]:
             destination.add(token)
         assert [destination.add(t) for t in ids[cut:]] == source_pieces[cut:]
+
+
+def test_stop_strings_completing_at_one_position_report_the_one_listed_first():
+    """A token that completes two stop strings starting at the same place ("a" and "ab" in "xab"): the choice's
+    stop_reason is the one the request lists first, as vLLM's stop checker (it tries them in the request's order)
+    reports it; the text ends before them either way."""
+    vocab = ["x", "ab", "c"]
+
+    def decode(ids):
+        return "".join(vocab[i] for i in ids)
+
+    for stop in (["ab", "a"], ["a", "ab"]):
+        detok = IncrementalDetokenizer(decode, stop)
+        text = detok.add(0) + detok.add(1)
+        assert (text, detok.stop_hit) == ("x", stop[0])
