@@ -311,6 +311,21 @@ class ResponseFormat(OpenAIRequest):
         return Constraint("response_format.json_schema.schema", "json", self.json_schema.schema_)
 
 
+def json_schema(value: Any, param: str) -> dict[str, Any]:
+    """A JSON schema given as an object or as its JSON text (vLLM takes both: structured_outputs.json, guided_json);
+    a 400 naming param when it is neither."""
+    schema = value
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError:
+            schema = None
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"'{param}' must be a JSON schema: an object, or its JSON text", param=param,
+                             code="invalid_value")
+    return schema
+
+
 class StructuredOutputs(OpenAIRequest):
     """vLLM's `structured_outputs` extension (StructuredOutputsParams): one constraint of `json` (a schema, or its
     JSON text), `json_object`, `regex`, `choice` (strings) and `grammar` (Lark or GBNF, as vLLM's guidance backend
@@ -333,31 +348,26 @@ class StructuredOutputs(OpenAIRequest):
         """The constraints given (check: one at most); a 400 when `json` is no schema."""
         given = [Constraint("structured_outputs.json_object", "json", ANY_JSON_OBJECT)] if self.json_object else []
         if self.json_ is not None:
-            given.append(Constraint("structured_outputs.json", "json", self._schema()))
+            param = "structured_outputs.json"
+            given.append(Constraint(param, "json", json_schema(self.json_, param)))
         given += [Constraint(f"structured_outputs.{kind}", kind, getattr(self, kind))
                   for kind in ("regex", "choice", "grammar") if getattr(self, kind) is not None]
         return given
 
-    def _schema(self) -> dict[str, Any]:
-        schema = self.json_
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except ValueError:
-                schema = None
-        if not isinstance(schema, dict):
-            raise InvalidRequest("'structured_outputs.json' must be a JSON schema: an object, or its JSON text",
-                                 param="structured_outputs.json", code="invalid_value")
-        return schema
-
-    def _fields(self, conjunction: str) -> str:
-        *first, last = self.CONSTRAINT_FIELDS
+    @classmethod
+    def _fields(cls, conjunction: str) -> str:
+        *first, last = cls.CONSTRAINT_FIELDS
         return f"{', '.join(first)} {conjunction} {last}"
+
+    @classmethod
+    def unsupported_option(cls, param: str, name: str) -> InvalidRequest:
+        """The 400 for an option (structural_tag, whitespace_pattern) given as `param`."""
+        return unsupported(param, f"a {name} ({cls._fields('and')} are)")
 
     def check(self) -> None:
         for name in ("structural_tag", "whitespace_pattern"):
             if getattr(self, name) is not None:
-                raise unsupported(f"structured_outputs.{name}", f"a {name} ({self._fields('and')} are)")
+                raise self.unsupported_option(f"structured_outputs.{name}", name)
         if self.disable_additional_properties:
             raise unsupported("structured_outputs.disable_additional_properties", "disable_additional_properties")
         given = self.constraints()
@@ -405,10 +415,11 @@ class SamplingRequest(TruncatingRequest):
     # vLLM's extension (StructuredOutputs), and its older guided_<kind> fields: a JSON schema, a regex, a choice, a
     # grammar (GRAMMAR_KINDS).
     structured_outputs: StructuredOutputs | None = None
-    guided_json: dict[str, Any] | None = None
+    guided_json: Any = None  # a schema or its JSON text, as structured_outputs.json
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
+    guided_whitespace_pattern: Any = None  # structured_outputs.whitespace_pattern's older name: refused as it is
     # vLLM's: more tokens that end a choice, as EOS does (the worker checks them against the vocabulary; the choice's
     # stop_reason is the id).
     stop_token_ids: list[int] | None = None
@@ -486,6 +497,8 @@ class SamplingRequest(TruncatingRequest):
         compiles (here, before any worker is asked: the worker checks the grammar against the model's tokenizer)."""
         if self.structured_outputs is not None:
             self.structured_outputs.check()
+        if self.guided_whitespace_pattern is not None:
+            raise StructuredOutputs.unsupported_option("guided_whitespace_pattern", "whitespace_pattern")
         given = self.constraints_given()
         if len(given) > 1:
             raise InvalidRequest(f"'{given[0].field}' and '{given[1].field}' both constrain the answer; send one of "
@@ -498,7 +511,8 @@ class SamplingRequest(TruncatingRequest):
         given = [self.response_format.constraint()] if self.response_format is not None else []
         if self.structured_outputs is not None:
             given += self.structured_outputs.constraints()
-        given += [Constraint(f"guided_{kind}", kind, getattr(self, f"guided_{kind}"))
+        given += [Constraint(f"guided_{kind}", kind, getattr(self, f"guided_{kind}") if kind != "json" else
+                             json_schema(self.guided_json, "guided_json"))
                   for kind in GRAMMAR_KINDS if getattr(self, f"guided_{kind}") is not None]
         return [constraint for constraint in given if constraint is not None]
 

@@ -1,0 +1,43 @@
+"""vLLM's older guided_* fields through the gateway as vLLM reads them: guided_json as a schema object or its JSON text
+(as structured_outputs.json takes it), and guided_whitespace_pattern (structured_outputs.whitespace_pattern's older
+name) refused as that field is, never dropped."""
+
+from __future__ import annotations
+
+import json
+
+from hpcllm.worker.tests.schemas import PERSON_SCHEMA, check_person
+
+from .conftest import MODEL
+from .test_errors import assert_error
+
+MESSAGES = [{"role": "user", "content": "who are you?"}]
+ENDPOINTS = (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "hello"}))
+
+
+def test_guided_json_as_json_text_constrains_chat_and_completions(gateway):
+    client = gateway.client()
+    constraint = {"guided_json": json.dumps(PERSON_SCHEMA)}
+    answer = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=64, temperature=1.0, seed=2,
+                                            extra_body=constraint)
+    assert answer.choices[0].finish_reason == "stop"
+    check_person(answer.choices[0].message.content)
+    completion = client.completions.create(model=MODEL, prompt="hello", max_tokens=64, temperature=0,
+                                           extra_body=constraint)
+    assert completion.choices[0].finish_reason == "stop"
+    check_person(completion.choices[0].text)
+
+
+def test_guided_json_that_is_no_schema_is_a_400_naming_it(gateway):
+    for path, request in ENDPOINTS:
+        for schema in ("{not json", "[1, 2]", 3):
+            error = assert_error(gateway.post(path, json={"model": MODEL, "max_tokens": 4, **request,
+                                                          "guided_json": schema}), 400, "invalid_value", "guided_json")
+            assert "JSON schema" in error["message"]
+
+
+def test_guided_whitespace_pattern_is_refused_as_structured_outputs_whitespace_pattern_is(gateway):
+    for path, request in ENDPOINTS:
+        body = {"model": MODEL, "max_tokens": 4, **request, "guided_json": PERSON_SCHEMA,
+                "guided_whitespace_pattern": r"[ \n]*"}
+        assert_error(gateway.post(path, json=body), 400, "unsupported_parameter", "guided_whitespace_pattern")
