@@ -71,12 +71,42 @@ def json_grammar(schema: dict[str, Any]) -> str:
     if not isinstance(options, dict):
         raise InvalidGrammar("a JSON schema is an object, and its 'x-guidance' options too")
     try:
-        return checked_grammar("start: %json " + json.dumps({**schema, "x-guidance": {**JSON_OPTIONS, **options}}))
+        text = checked_grammar("start: %json " + json.dumps({**schema, "x-guidance": {**JSON_OPTIONS, **options}}))
     except InvalidGrammar as exc:
         # Its first line says what is wrong; the others quote the grammar's line, the whole schema
         raise InvalidGrammar(re.sub(r"^at \d+\(\d+\): ", "", str(exc).splitlines()[0])) from None
     except (TypeError, ValueError) as exc:  # not JSON (json.dumps)
         raise InvalidGrammar(f"the schema is no JSON: {exc}") from None
+    if not admits_text(text):  # every JSON value is text: the model could only end, with an empty answer
+        raise InvalidGrammar("no JSON value satisfies the schema: its references lead only back to themselves "
+                             "(like {\"$ref\": \"#\"}); give the schema of the values the answer may be")
+    return text
+
+
+class _ByteVocabulary:
+    """The 256 bytes and an end token, as llguidance's TokenizerWrapper reads a tokenizer: a grammar allows some
+    text iff it allows one of these bytes first, whatever a model's vocabulary."""
+
+    eos_token_id = 256
+    bos_token_id = None
+    tokens = [bytes([byte]) for byte in range(256)] + [b""]
+    special_token_ids = [256]
+
+    def __call__(self, text: bytes) -> list[int]:
+        return list(text)
+
+
+@functools.cache
+def _byte_tokenizer() -> llguidance.LLTokenizer:
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteVocabulary()), slices=[])
+
+
+@functools.lru_cache(maxsize=256)
+def admits_text(grammar: str) -> bool:
+    """Whether the grammar (compiled: checked_grammar) allows any text, not only an empty answer: llguidance compiles
+    a schema whose references only lead back to themselves into one that allows nothing."""
+    matcher = llguidance.LLMatcher(_byte_tokenizer(), grammar, log_level=0)
+    return any(matcher.compute_bitmask()[:256 // 8])  # a bit per token, the bytes' first
 
 
 @functools.lru_cache(maxsize=256)  # the same schema (a client's tools, its response format) comes again and again
