@@ -89,9 +89,12 @@ QWEN3_CODER_TOOLS_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 # Mistral's tool format (Mistral Small 3.2's template, cut down): the tools' JSON in [AVAILABLE_TOOLS] before the last
-# user turn, an assistant's calls as [TOOL_CALLS]NAME[ARGS]{...}, a tool's answer in [TOOL_RESULTS]. Its tokenizer
-# has [TOOL_CALLS] and [ARGS] as special tokens (MISTRAL_TOOL_TOKENS), as Mistral's has: decoding skips them. The
-# gateway reads "[TOOL_CALLS]" in it as the mistral tool-call format.
+# user turn, an assistant's calls as [TOOL_CALLS]NAME[ARGS]{...}, a tool's answer and its call's id in
+# [TOOL_RESULTS]; call ids other than 9 characters refused, as Mistral's v3 templates (7B v0.3, Nemo) refuse them. Its
+# tokenizer has [TOOL_CALLS] and [ARGS] as special tokens (MISTRAL_TOOL_TOKENS), as Mistral's has: decoding skips
+# them. The gateway reads "[TOOL_CALLS]" in it as the mistral tool-call format.
+_MISTRAL_ID_CHECK = ("{% if {id} is not defined or {id} | length != 9 %}"
+                     "{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{% endif %}")
 MISTRAL_TOOLS_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -99,9 +102,12 @@ MISTRAL_TOOLS_CHAT_TEMPLATE = (
     "{% if tools and loop.last %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
     "[INST]{{ message['content'] }}[/INST]"
     "{% elif message['role'] == 'assistant' %}{{ message['content'] or '' }}"
-    "{% for call in message['tool_calls'] or [] %}[TOOL_CALLS]{{ call['function']['name'] }}[ARGS]"
-    "{{ call['function']['arguments'] | tojson }}{% endfor %}{{ eos_token }}"
-    "{% elif message['role'] == 'tool' %}[TOOL_RESULTS]{{ message['content'] }}[/TOOL_RESULTS]"
+    "{% for call in message['tool_calls'] or [] %}" + _MISTRAL_ID_CHECK.replace("{id}", "call['id']") +
+    "[TOOL_CALLS]{{ call['function']['name'] }}[ARGS]{{ call['function']['arguments'] | tojson }}{% endfor %}"
+    "{{ eos_token }}"
+    "{% elif message['role'] == 'tool' %}" + _MISTRAL_ID_CHECK.replace("{id}", "message['tool_call_id']") +
+    "[TOOL_RESULTS]{\"content\": {{ message['content'] | tojson }}, \"call_id\": "
+    "{{ message['tool_call_id'] | tojson }}}[/TOOL_RESULTS]"
     "{% else %}[SYSTEM_PROMPT]{{ message['content'] }}[/SYSTEM_PROMPT]{% endif %}"
     "{% endfor %}"
 )

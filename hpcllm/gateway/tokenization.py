@@ -286,7 +286,26 @@ class PromptEncoder:
     @cached_property
     def _template_format(self) -> ToolCallParser | None:
         """The format its tool-use chat template names (template_format), read once: the template never changes."""
-        return template_format(self.tokenizer.get_chat_template(tools=[{}]))  # the tool-use one, of several
+        try:
+            template = self.tokenizer.get_chat_template(tools=[{}])  # the tool-use one, of several
+        except ValueError:  # no template, or named ones and neither for tools nor a default: rendering says so
+            return None
+        return template_format(template)
+
+    def template_call_ids(self, messages: list[dict], configured: str | None = None) -> None:
+        """The chat history's call ids (an assistant's calls, a tool's answer) made what the template of the model's
+        tool-call format (its config's, or its template's) takes back: a mistral model's, 9 characters."""
+        with_ids = [m for m in messages if m.get("tool_calls") or "tool_call_id" in m]
+        if not with_ids:
+            return
+        parser = self.tool_call_format(configured)
+        if parser is None:
+            return
+        for message in with_ids:
+            for call in message.get("tool_calls", ()):
+                call["id"] = parser.template_call_id(call["id"])
+            if "tool_call_id" in message:
+                message["tool_call_id"] = parser.template_call_id(message["tool_call_id"])
 
     def special_token_ids(self, texts: tuple[str, ...]) -> dict[int, str]:
         """The ids of those of `texts` that are special tokens of this tokenizer (decoding skips them)."""

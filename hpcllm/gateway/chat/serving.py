@@ -67,6 +67,7 @@ def start_chat(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest,
     messages = req.template_messages()
     card = gw.router.get_model(req.model)
     encoder = gw.tokenizers.get(card)
+    encoder.template_call_ids(messages, card.tool_call_parser)
     truncation = encoder.truncation(req, card.max_model_len, generating=True)
     if truncation is None:
         encoder.check_fits(sum(len(m["content"]) for m in messages), card.max_model_len, "messages")

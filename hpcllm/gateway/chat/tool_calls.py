@@ -69,6 +69,7 @@ class ParsedOutput:
 
 # Mistral's call ids: 9 of these (MistralParser.new_call_id).
 MISTRAL_ID_CHARACTERS = string.ascii_letters + string.digits
+MISTRAL_ID_LENGTH = 9
 
 
 def new_tool_call_id() -> str:
@@ -311,6 +312,10 @@ class ToolCallParser(ABC):
         """A new id for one of the answer's calls."""
         return new_tool_call_id()
 
+    def template_call_id(self, call_id: str) -> str:
+        """A call id of the request's history as the model's chat template takes it back."""
+        return call_id
+
 
 def sendable_before(text: str, sent: int, markers: tuple[str, ...]) -> int | None:
     """For a format whose calls start with one of `markers`, anywhere after some text: None once one is in `text`;
@@ -441,7 +446,12 @@ class MistralParser(ToolCallParser):
     def new_call_id(self) -> str:
         """9 letters or digits: Mistral's templates (and mistral_common) refuse any other id when the call comes back
         in the next turn's history (vLLM's MistralToolCall ids)."""
-        return "".join(secrets.choice(MISTRAL_ID_CHARACTERS) for _ in range(9))
+        return "".join(secrets.choice(MISTRAL_ID_CHARACTERS) for _ in range(MISTRAL_ID_LENGTH))
+
+    def template_call_id(self, call_id: str) -> str:
+        """A longer id (OpenAI's "call_...", another server's) as its last 9 characters, which Mistral's templates
+        take (vLLM's truncate_tool_call_ids); a shorter one as it is, for the template to judge."""
+        return call_id[-MISTRAL_ID_LENGTH:]
 
 
 class PythonicParser(ToolCallParser):

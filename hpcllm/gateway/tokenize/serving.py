@@ -27,8 +27,9 @@ def tokenize(gw: Gateway, req: TokenizeRequest) -> dict:
         ids = encoder.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
     else:
         chat = _chat(req, card.name)
-        ids = encoder.render_chat(chat.template_messages(), chat.template_tools(),
-                                  **chat.template_arguments()).token_ids
+        messages = chat.template_messages()
+        encoder.template_call_ids(messages, card.tool_call_parser)  # as a generation's prompt has them
+        ids = encoder.render_chat(messages, chat.template_tools(), **chat.template_arguments()).token_ids
     strs = encoder.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=card.max_model_len, tokens=ids,
                             token_strs=strs).model_dump()
