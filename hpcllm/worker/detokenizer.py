@@ -164,9 +164,9 @@ class IncrementalDetokenizer:
     def _find_stop(self, search_from: int) -> tuple[int, str] | None:
         found = [(self.text.find(s, search_from), s) for s in self._stop]
         found = [(pos, s) for pos, s in found if pos >= 0]
-        # The earliest; of those starting there, the one the request lists first (vLLM's stop checker tries them in
-        # its order), not the shortest
-        return min(found, key=lambda hit: hit[0]) if found else None
+        # The one that completes first; at a tie, the one the request lists first (vLLM's check_stop_strings: as if
+        # the text came one character at a time), not the one that starts first
+        return min(found, key=lambda hit: hit[0] + len(hit[1])) if found else None
 
     def _held_back_len(self) -> int:
         """Length of the longest suffix of the text that is a proper prefix of some stop string."""

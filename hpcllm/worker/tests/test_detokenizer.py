@@ -265,16 +265,24 @@ def test_a_resumed_request_rebuilds_the_same_detokenizer_from_its_tokens(model_d
         assert [destination.add(t) for t in ids[cut:]] == source_pieces[cut:]
 
 
-def test_stop_strings_completing_at_one_position_report_the_one_listed_first():
-    """A token that completes two stop strings starting at the same place ("a" and "ab" in "xab"): the choice's
-    stop_reason is the one the request lists first, as vLLM's stop checker (it tries them in the request's order)
-    reports it; the text ends before them either way."""
-    vocab = ["x", "ab", "c"]
+def test_a_token_completing_two_stop_strings_reports_the_one_that_completes_first():
+    """One token that completes two stop strings: the choice's stop_reason is the one that completes first in the
+    text and the text ends before it (the answer the text would give one character at a time); when both complete
+    at the same character, the one the request lists first. vLLM's check_stop_strings does the same."""
+    vocab = ["x", "ab", "abcd"]
 
     def decode(ids):
         return "".join(vocab[i] for i in ids)
 
-    for stop in (["ab", "a"], ["a", "ab"]):
+    cases = [
+        (["ab", "a"], 1, ("x", "a")),  # "a" completes before "ab"
+        (["a", "ab"], 1, ("x", "a")),
+        (["abcd", "bc"], 2, ("xa", "bc")),  # "bc" completes first, though "abcd" starts first
+        (["bc", "abcd"], 2, ("xa", "bc")),
+        (["ab", "b"], 1, ("x", "ab")),  # both complete at the "b": the one listed first
+        (["b", "ab"], 1, ("xa", "b")),
+    ]
+    for stop, token, expected in cases:
         detok = IncrementalDetokenizer(decode, stop)
-        text = detok.add(0) + detok.add(1)
-        assert (text, detok.stop_hit) == ("x", stop[0])
+        text = detok.add(0) + detok.add(token)
+        assert (text, detok.stop_hit) == expected, stop
