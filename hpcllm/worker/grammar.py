@@ -27,6 +27,7 @@ import functools
 import json
 import re
 import threading
+import urllib.parse
 from collections import OrderedDict
 from typing import Any
 
@@ -77,36 +78,188 @@ def json_grammar(schema: dict[str, Any]) -> str:
         raise InvalidGrammar(re.sub(r"^at \d+\(\d+\): ", "", str(exc).splitlines()[0])) from None
     except (TypeError, ValueError) as exc:  # not JSON (json.dumps)
         raise InvalidGrammar(f"the schema is no JSON: {exc}") from None
-    if not admits_text(text):  # every JSON value is text: the model could only end, with an empty answer
-        raise InvalidGrammar("no JSON value satisfies the schema: its references lead only back to themselves "
-                             "(like {\"$ref\": \"#\"}); give the schema of the values the answer may be")
+    endless = endless_subschema(schema)
+    if endless is not None:  # llguidance compiles it into a grammar that never completes: no answer could be right
+        raise InvalidGrammar(f"no JSON value satisfies the schema's part at '{endless}', which an answer could reach "
+                             "and never complete: each of its values would need another inside it without end (a "
+                             "reference that leads only back to itself, like {\"$ref\": \"#\"}, or a required "
+                             "property or item of its own kind); make the recursion optional (not required, "
+                             "minItems 0, an anyOf branch without it)")
     return text
 
 
-class _ByteVocabulary:
-    """The 256 bytes and an end token, as llguidance's TokenizerWrapper reads a tokenizer: a grammar allows some
-    text iff it allows one of these bytes first, whatever a model's vocabulary."""
-
-    eos_token_id = 256
-    bos_token_id = None
-    tokens = [bytes([byte]) for byte in range(256)] + [b""]
-    special_token_ids = [256]
-
-    def __call__(self, text: bytes) -> list[int]:
-        return list(text)
+# The JSON types as a schema's "type" names them ("integer" is a "number" here: no schema recurses through either)
+JSON_TYPES = frozenset(("null", "boolean", "object", "array", "string", "number"))
 
 
-@functools.cache
-def _byte_tokenizer() -> llguidance.LLTokenizer:
-    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteVocabulary()), slices=[])
+def _schema_types(schema: dict[str, Any]) -> frozenset[str]:
+    """The types the schema's own "type" allows (all without one)."""
+    given = schema.get("type")
+    if given is None:
+        return JSON_TYPES
+    names = [given] if isinstance(given, str) else given if isinstance(given, list) else []
+    return frozenset("number" if name == "integer" else name for name in names if isinstance(name, str)) & JSON_TYPES
 
 
-@functools.lru_cache(maxsize=256)
-def admits_text(grammar: str) -> bool:
-    """Whether the grammar (compiled: checked_grammar) allows any text, not only an empty answer: llguidance compiles
-    a schema whose references only lead back to themselves into one that allows nothing."""
-    matcher = llguidance.LLMatcher(_byte_tokenizer(), grammar, log_level=0)
-    return any(matcher.compute_bitmask()[:256 // 8])  # a bit per token, the bytes' first
+def _pointer(parent: str, key: str | int) -> str:
+    return f"{parent}/{str(key).replace('~', '~0').replace('/', '~1')}"
+
+
+def _ref_target(ref: Any, root: Any) -> str | None:
+    """The JSON pointer ("#/...") of a local $ref's target, None when it is no pointer into the schema (an anchor,
+    another document: left to llguidance)."""
+    if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+        return None
+    pointer, node = "#", root
+    for part in ref[2:].split("/") if ref != "#" else []:
+        key: str | int = urllib.parse.unquote(part).replace("~1", "/").replace("~0", "~")
+        if isinstance(node, list) and isinstance(key, str) and key.isdigit() and int(key) < len(node):
+            key = int(key)
+        elif not isinstance(node, dict) or key not in node:
+            return None
+        pointer, node = _pointer(pointer, key), node[key]
+    return pointer
+
+
+def endless_subschema(root: Any) -> str | None:
+    """The JSON pointer of a part of the schema no finite JSON value satisfies (its values would each hold another
+    without end) where an answer could need one, or None. llguidance compiles such a schema, and its grammar does not
+    leave the part out: an answer that reaches it ('{"a":' for a property whose values never end) can never be
+    completed (cut at max_tokens, or ended broken). The part is reported when the schema itself has no value, or an
+    object the answer may hold lists a property of that part, or an array needs items of it.
+
+    For each part (subschema), the types of which it has a finite value, to a fixpoint from none: an object needs a
+    value of each required property; an array of minItems items; a $ref what its target has; allOf what every
+    branch has, anyOf and oneOf what one has. What else a schema says is left to llguidance (it only narrows)."""
+    parts: dict[str, Any] = {}
+
+    def dependencies(pointer: str, schema: Any) -> dict[str, list[str]]:
+        """The parts the schema's rules need values of (ref, allOf, anyOf, oneOf, object: required properties,
+        array: the minItems first items), and the other parts an answer's object or array may hold (properties,
+        items)."""
+        needs: dict[str, list[str]] = {key: [] for key in ("ref", "allOf", "anyOf", "oneOf", "object", "array",
+                                                            "properties", "items")}
+        if not isinstance(schema, dict):
+            return needs
+        if "$ref" in schema:
+            target = _ref_target(schema["$ref"], root)
+            if target is not None:
+                needs["ref"].append(target)
+        for keyword in ("allOf", "anyOf", "oneOf"):
+            if isinstance(schema.get(keyword), list):
+                needs[keyword] = [_pointer(_pointer(pointer, keyword), i) for i in range(len(schema[keyword]))]
+        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        needs["properties"] = [_pointer(_pointer(pointer, "properties"), name) for name in properties]
+        for name in schema.get("required", []) if isinstance(schema.get("required"), list) else []:
+            if name in properties:
+                needs["object"].append(_pointer(_pointer(pointer, "properties"), name))
+            elif not schema.get("patternProperties") and "additionalProperties" in schema:
+                needs["object"].append(_pointer(pointer, "additionalProperties"))
+        items = schema.get("items")
+        prefix_keyword, rest_keyword = ("items", "additionalItems") if isinstance(items, list) else \
+            ("prefixItems", "items")
+        prefix = schema.get(prefix_keyword) if isinstance(schema.get(prefix_keyword), list) else []
+        needs["items"] = [_pointer(_pointer(pointer, prefix_keyword), i) for i in range(len(prefix))]
+        if isinstance(schema.get(rest_keyword), (dict, bool)):
+            needs["items"].append(_pointer(pointer, rest_keyword))
+        min_items = schema.get("minItems", 0)
+        if isinstance(min_items, int) and min_items > 0:  # the first prefix items, then the rest's
+            needs["array"] = needs["items"][:min_items]
+        return needs
+
+    # Every part an answer may reach, and what each needs
+    graph: dict[str, dict[str, list[str]]] = {}
+    pending = ["#"]
+    while pending:
+        pointer = pending.pop()
+        if pointer in graph:
+            continue
+        node: Any = root
+        for part in pointer[2:].split("/") if pointer != "#" else []:
+            key = part.replace("~1", "/").replace("~0", "~")
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        parts[pointer] = node
+        graph[pointer] = dependencies(pointer, node)
+        pending += [needed for rule in graph[pointer].values() for needed in rule]
+
+    def own_types(pointer: str) -> frozenset[str]:
+        schema = parts[pointer]
+        if isinstance(schema, bool):
+            return JSON_TYPES if schema else frozenset()
+        return _schema_types(schema) if isinstance(schema, dict) else JSON_TYPES
+
+    def finite_types(pointer: str, finite: dict[str, frozenset[str]]) -> frozenset[str]:
+        needs = graph[pointer]
+        types = own_types(pointer)
+        if any(not finite[needed] for needed in needs["object"]):
+            types -= {"object"}
+        if any(not finite[needed] for needed in needs["array"]):
+            types -= {"array"}
+        for needed in needs["ref"] + needs["allOf"]:
+            types &= finite[needed]
+        for keyword in ("anyOf", "oneOf"):
+            if needs[keyword]:
+                types &= frozenset().union(*(finite[branch] for branch in needs[keyword]))
+        return types
+
+    finite: dict[str, frozenset[str]] = dict.fromkeys(graph, frozenset())
+    changed = True
+    while changed:
+        changed = False
+        for pointer in graph:
+            types = finite_types(pointer, finite)
+            if types != finite[pointer]:
+                finite[pointer], changed = types, True
+
+    def without_end(pointer: str) -> str:
+        """From a part without values down a part that leaves it so (wanted: the types it would need), to where
+        they loop back."""
+        wanted, seen = JSON_TYPES, set()
+        while True:
+            seen.add(pointer)
+            wanted &= own_types(pointer)
+            needs = graph[pointer]
+            lacking = [needed for needed in needs["ref"] + needs["allOf"] if not finite[needed] & wanted]
+            for keyword in ("anyOf", "oneOf"):
+                if needs[keyword] and not any(finite[branch] & wanted for branch in needs[keyword]):
+                    lacking.append(needs[keyword][0])
+            if not lacking:  # a property or an item of each type wanted: any of them, wanted whole
+                for kind in ("object", "array"):
+                    lacking += [needed for needed in needs[kind] if kind in wanted and not finite[needed]]
+                wanted = JSON_TYPES
+            if not lacking:
+                return pointer
+            if lacking[0] in seen:
+                return lacking[0]
+            pointer = lacking[0]
+
+    if not finite["#"]:
+        return without_end("#")
+    # The parts an answer may reach (with the types it may have there): an object that lists a property without
+    # values, or an array that needs an item without, can be begun and never completed
+    reached: set[tuple[str, frozenset[str]]] = set()
+    pending_reached = [("#", JSON_TYPES)]
+    while pending_reached:
+        pointer, wanted = pending_reached.pop()
+        if (pointer, wanted) in reached:
+            continue
+        reached.add((pointer, wanted))
+        wanted &= own_types(pointer)
+        needs = graph[pointer]
+        contained = []
+        if "object" in wanted:
+            contained += needs["properties"] + needs["object"]
+        if "array" in wanted:
+            contained += needs["items"]
+            for needed in needs["array"]:
+                if not finite[needed]:
+                    return without_end(needed)
+        for needed in contained:
+            if not finite[needed] and parts[needed] is not False:  # llguidance leaves out a property that is false
+                return without_end(needed)
+        pending_reached += [(needed, wanted) for key in ("ref", "allOf", "anyOf", "oneOf") for needed in needs[key]]
+        pending_reached += [(needed, JSON_TYPES) for needed in contained]
+    return None
 
 
 @functools.lru_cache(maxsize=256)  # the same schema (a client's tools, its response format) comes again and again
