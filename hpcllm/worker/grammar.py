@@ -45,7 +45,8 @@ GRAMMAR_KINDS = ("json", "regex", "choice", "grammar")
 
 
 class InvalidGrammar(ValueError):
-    """A constraint llguidance cannot compile (the message is llguidance's), or output tokens its grammar refuses."""
+    """A constraint llguidance cannot compile (the message is llguidance's), a JSON schema with a part no value
+    satisfies (json_grammar's message), or output tokens its grammar refuses."""
 
 
 def compile_grammar(kind: str, spec: Any) -> str:
