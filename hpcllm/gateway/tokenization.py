@@ -301,11 +301,14 @@ class PromptEncoder:
         parser = self.tool_call_format(configured)
         if parser is None:
             return
+        ids = [call["id"] for message in with_ids for call in message.get("tool_calls", ())]
+        ids += [message["tool_call_id"] for message in with_ids if "tool_call_id" in message]
+        template_ids = parser.template_call_ids(ids)
         for message in with_ids:
             for call in message.get("tool_calls", ()):
-                call["id"] = parser.template_call_id(call["id"])
+                call["id"] = template_ids[call["id"]]
             if "tool_call_id" in message:
-                message["tool_call_id"] = parser.template_call_id(message["tool_call_id"])
+                message["tool_call_id"] = template_ids[message["tool_call_id"]]
 
     def special_token_ids(self, texts: tuple[str, ...]) -> dict[int, str]:
         """The ids of those of `texts` that are special tokens of this tokenizer (decoding skips them)."""

@@ -41,6 +41,7 @@ answer is read by the same code, so a streamed answer is always the non-streamed
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import math
 import re
@@ -312,9 +313,10 @@ class ToolCallParser(ABC):
         """A new id for one of the answer's calls."""
         return new_tool_call_id()
 
-    def template_call_id(self, call_id: str) -> str:
-        """A call id of the request's history as the model's chat template takes it back."""
-        return call_id
+    def template_call_ids(self, call_ids: list[str]) -> dict[str, str]:
+        """The call ids of the request's history (in their order) as the model's chat template takes them back: one
+        for each, the same for the same id (an assistant's call and the tool's answer to it)."""
+        return {call_id: call_id for call_id in call_ids}
 
 
 def sendable_before(text: str, sent: int, markers: tuple[str, ...]) -> int | None:
@@ -448,10 +450,32 @@ class MistralParser(ToolCallParser):
         in the next turn's history (vLLM's MistralToolCall ids)."""
         return "".join(secrets.choice(MISTRAL_ID_CHARACTERS) for _ in range(MISTRAL_ID_LENGTH))
 
-    def template_call_id(self, call_id: str) -> str:
-        """A longer id (OpenAI's "call_...", another server's) as its last 9 characters, which Mistral's templates
-        take (vLLM's truncate_tool_call_ids); a shorter one as it is, for the template to judge."""
-        return call_id[-MISTRAL_ID_LENGTH:]
+    def template_call_ids(self, call_ids: list[str]) -> dict[str, str]:
+        """Ids of another shape (OpenAI's "call_...", another server's) as 9 letters or digits, which Mistral's
+        templates take: a longer id's last 9 characters (vLLM's truncate_tool_call_ids), unless another id of the
+        request has them (the template would pair a tool's answer with the wrong call) or they are not letters and
+        digits; then, as for a shorter id, 9 derived from the id's hash."""
+        taken = {call_id for call_id in call_ids if _is_mistral_id(call_id)}
+        mapped: dict[str, str] = {}
+        for call_id in call_ids:
+            if call_id in mapped:
+                continue
+            if _is_mistral_id(call_id):
+                mapped[call_id] = call_id
+                continue
+            candidate, attempt = call_id[-MISTRAL_ID_LENGTH:], 0
+            while not _is_mistral_id(candidate) or candidate in taken:
+                digest = hashlib.sha256(f"{attempt}:{call_id}".encode()).digest()
+                candidate = "".join(MISTRAL_ID_CHARACTERS[byte % len(MISTRAL_ID_CHARACTERS)]
+                                    for byte in digest[:MISTRAL_ID_LENGTH])
+                attempt += 1
+            taken.add(candidate)
+            mapped[call_id] = candidate
+        return mapped
+
+
+def _is_mistral_id(call_id: str) -> bool:
+    return len(call_id) == MISTRAL_ID_LENGTH and all(c in MISTRAL_ID_CHARACTERS for c in call_id)
 
 
 class PythonicParser(ToolCallParser):

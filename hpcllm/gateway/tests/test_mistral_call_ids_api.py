@@ -68,6 +68,26 @@ def test_a_responses_call_id_of_another_shape_reaches_a_mistral_template_as_its_
     assert f'"call_id": "{OPENAI_ID[-9:]}"' in _prompt(mistral_script)
 
 
+def test_call_ids_that_share_their_last_9_characters_or_are_shorter_stay_distinct_for_a_mistral_template(
+        mistral_gw, mistral_script):
+    """Two calls whose ids end alike each keep an id of their own (one the last 9 characters, the other 9 derived
+    from it), so each tool answer stays paired with its call; a shorter id, which the template refuses, gets 9 too."""
+    mistral_script.answer = "Sunny."
+    ids = ["call_Paris0000123456789", "call_Lyon00000123456789", "c1"]
+    messages = [{"role": "user", "content": "Weather in Paris, Lyon and Nice?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+                    for call_id in ids]}]
+    messages += [{"role": "tool", "tool_call_id": call_id, "content": f"sunny {n}"} for n, call_id in enumerate(ids)]
+    messages.append({"role": "user", "content": "And so?"})
+    answer = mistral_gw.client().chat.completions.create(model=MISTRAL, messages=messages, tools=TOOLS)
+    assert answer.choices[0].message.content == "Sunny."
+    prompt = _prompt(mistral_script)
+    template_ids = [prompt.split(f'"content": "sunny {n}", "call_id": "')[1].split('"')[0] for n in range(len(ids))]
+    assert template_ids[0] == ids[0][-9:]
+    assert len(set(template_ids)) == 3 and all(len(i) == 9 and i.isalnum() for i in template_ids), template_ids
+
+
 def test_a_history_with_call_ids_for_a_model_without_a_chat_template_says_so(tmp_path, mistral_script):
     """Reading the model's tool-call format for the history's ids finds no template: the 400 that says the model has
     none, as without ids, not a 500."""
