@@ -918,7 +918,7 @@ class Controller:
         exclude_nodes: nodes that must not host it (a draining node asking where its requests can go). group: whose
         request asks (another group's own pool neither serves it nor counts towards max_instances)."""
         if model.spans_nodes:
-            return self._start_spanning(model, exclude_nodes)
+            return self._start_spanning(model, exclude_nodes, group)
         with self._placement_lock:
             now = self.clock()
             waiting = self._one_start_at_a_time(model, exclude_nodes, group)
@@ -1019,15 +1019,16 @@ class Controller:
         self.registry.note_demand(model.name, self.clock())
         return RouteWaiting(status="starting", model=model.name, retry_after=self.settings.route_retry_after_seconds)
 
-    def _start_spanning(self, model: DeployedModel, exclude_nodes: frozenset[str]) -> RouteWaiting:
+    def _start_spanning(self, model: DeployedModel, exclude_nodes: frozenset[str],
+                        group: str | None = None) -> RouteWaiting:
         """An instance spanning nodes runs alone in an allocation made for it (nodes x ranks per node), started by
         that allocation's agent on its first node: there when such an allocation of this model is up with no
         instance; else RouteWaiting for the one being allocated or just submitted (on the node set placement
         prefers: where its ranks' slice copies are, weighed against Slurm's queue wait for the whole shape);
-        NoCapacity when none may be submitted."""
+        NoCapacity when none may be submitted. group: whose request asks (as for start_instance)."""
         with self._placement_lock:
             now = self.clock()
-            waiting = self._one_start_at_a_time(model, exclude_nodes)
+            waiting = self._one_start_at_a_time(model, exclude_nodes, group)
             if waiting is not None:
                 return waiting
             picked = self._spanning_target(model, now, exclude_nodes)
