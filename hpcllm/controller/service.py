@@ -928,7 +928,7 @@ class Controller:
             decision = place(model.size_bytes, _slots(model), candidates, holding, model.rank_bytes,
                              self.settings.placement_policy, self._placement_rng, self._start_seconds(model, now))
             if decision.chosen is None:
-                never = self.why_never_capacity(model)
+                never = self.why_never_capacity(model, group)
                 if never is not None:  # no demand noted: nothing could ever serve it
                     raise NoCapacityPossible(never)
                 self.registry.note_demand(model.name, now)
@@ -1031,10 +1031,11 @@ class Controller:
             waiting = self._one_start_at_a_time(model, exclude_nodes, group)
             if waiting is not None:
                 return waiting
-            picked = self._spanning_target(model, now, exclude_nodes)
+            picked = self._spanning_target(model, now, exclude_nodes, group)
         return picked if isinstance(picked, RouteWaiting) else self._ask_agent(model, *picked)
 
-    def _spanning_target(self, model: DeployedModel, now: float, exclude_nodes: frozenset[str]):
+    def _spanning_target(self, model: DeployedModel, now: float, exclude_nodes: frozenset[str],
+                         group: str | None = None):
         """(node, gpu_ids, reservation) of a spanning allocation of this model without an instance, else
         RouteWaiting / NoCapacity (_start_spanning)."""
         jobs, locating = self._spanning_allocations(model)
@@ -1046,7 +1047,7 @@ class Controller:
                 placement = self._spanning_breakdown(model, jobs[node.slurm_job_id], node, holding)
                 return node, gpu_ids, self.registry.reserve_instance(model.name, node.node_id, gpu_ids, now,
                                                                      placement.model_dump(), model.tensor_parallel)
-        never = self.why_never_capacity(model)
+        never = self.why_never_capacity(model, group)
         if never is not None:
             raise NoCapacityPossible(never)
         self.registry.note_demand(model.name, now)  # so the instance starts as soon as its allocation is up
@@ -1386,16 +1387,17 @@ class Controller:
 
     # ------------------------------------------------------------------------ no capacity now, or never
 
-    def why_never_capacity(self, model: DeployedModel) -> str | None:
-        """Why no instance of the model can ever start as deployed and configured (what to change), else None.
+    def why_never_capacity(self, model: DeployedModel, group: str | None = None) -> str | None:
+        """Why no instance of the model can ever start for a request of `group` as deployed and configured (what to
+        change), else None.
 
         The one rule telling "no capacity possible" (answered at once: NoCapacityPossible) from "no capacity now"
         (waited out like a job queued in Slurm). Conservative: what may change by itself while a request waits -
         busy or draining nodes, max_allocations in use, a submission not settled, an allocation on its way, an agent
         that may still register - keeps it temporary. "Allocations never": no Slurm backend, allocate_on_demand off
         or max_allocations = 0 (Allocator.why_never_submit). Permanent only where no model pool of the model may
-        serve it (a pool node of it known, or a pool token for it not revoked: a pool's agent starts its instance
-        itself), and:
+        serve the request (a pool node of it known, or a pool token for it not revoked, of `group` or --shared: a
+        pool's agent starts its instance itself; another group's pool never serves it), and:
         - an instance spanning nodes (it runs in an allocation of its own only): allocations never, no allocation of
           this model active, none of any model on its way;
         - an instance on one node: it needs more slots (its GPUs; CPU: one per rank) than any node can offer even
@@ -1411,7 +1413,7 @@ class Controller:
             why = self._never_spanning(model, never_allocate)
         else:
             why = self._never_on_one_node(model, never_allocate)
-        return None if why is None or self._pool_may_serve(model) else why
+        return None if why is None or self._pool_may_serve(model, group) else why
 
     def _never_spanning(self, model: DeployedModel, never_allocate: str) -> str:
         return (f"model {model.name!r} can never start here: an instance ({model.tensor_parallel} ranks over "
@@ -1457,11 +1459,13 @@ class Controller:
             a.state == "pending" or (a.state == "running" and not allocation_agents(a, live))
             for a in self.registry.allocations(active_only=True))
 
-    def _pool_may_serve(self, model: DeployedModel) -> bool:
-        """A model pool of this model may serve it: one of its nodes is known (not gone), or a pool token for it is
-        not revoked (a user's pool job may still start)."""
-        return any(n.pool_model == model.name for n in self.registry.nodes(states=("up", "draining", "lost"))) or \
-            any(c.model == model.name and not c.revoked for c in self.registry.credentials(kind="pool"))
+    def _pool_may_serve(self, model: DeployedModel, group: str | None) -> bool:
+        """A model pool of this model may serve a request of `group` (its own group's pool, or a --shared one): one
+        of its nodes is known (not gone), or a pool token for it is not revoked (a user's pool job may still start)."""
+        return any(n.pool_model == model.name and visible_to(n.serves_group, group)
+                   for n in self.registry.nodes(states=("up", "draining", "lost"))) or \
+            any(c.model == model.name and not c.revoked and visible_to(_principal(c).serves_group, group)
+                for c in self.registry.credentials(kind="pool"))
 
     # ------------------------------------------------------------------------------------ placement inputs
 

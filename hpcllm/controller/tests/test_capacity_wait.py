@@ -172,7 +172,9 @@ def _a_pool_token_for_the_model(h):
     from hpcllm.controller.protocol import PoolTokenRequest
 
     h.register("n2", gpus=2)
-    h.controller.issue_pool_token(PoolTokenRequest(model="big", group="physics"))  # its pool job may still start
+    # Its pool job may still start, and serve every API key (--shared; another group's own pool never would:
+    # test_pool_groups_capacity.py).
+    h.controller.issue_pool_token(PoolTokenRequest(model="big", group="physics", shared=True))
 
 
 def _an_allocation_on_its_way(h):

@@ -1,0 +1,56 @@
+"""No capacity possible (Controller.why_never_capacity) and model pools: a pool that may still serve the model
+keeps the answer temporary only for the requests it may serve (its own group's, or everyone's for a --shared pool)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpcllm.controller.errors import NoCapacity, NoCapacityPossible
+from hpcllm.controller.protocol import NodeRegistration, PoolTokenRequest
+
+
+@pytest.fixture
+def big_model(make_harness):
+    """A 4-GPU model, only a 2-GPU node, no allocations: only a model pool of it could ever serve it."""
+    h = make_harness(allocate_on_demand=False)
+    h.deploy("big", gpus=4)
+    h.register("n1", gpus=2)
+    return h
+
+
+def test_another_groups_pool_token_does_not_make_a_request_wait_for_capacity_that_never_comes(big_model):
+    h = big_model
+    h.controller.issue_pool_token(PoolTokenRequest(model="big", group="physics"))  # physics' pool job may start
+
+    with pytest.raises(NoCapacityPossible, match=r"model 'big' can never start here: an instance needs 4 GPUs"):
+        h.controller.route_once("big", group="chemistry")
+    with pytest.raises(NoCapacityPossible):
+        h.controller.route_once("big")  # an API key without a group
+    with pytest.raises(NoCapacity) as physics:
+        h.controller.route_once("big", group="physics")  # its own pool may still come: waited out
+    assert not isinstance(physics.value, NoCapacityPossible)
+
+
+def test_another_groups_pool_node_does_not_make_a_request_wait_for_capacity_that_never_comes(big_model):
+    h = big_model
+    token = h.controller.issue_pool_token(PoolTokenRequest(model="big", group="physics"))
+    h.backend.run_job("71", "pool1")
+    h.controller.register(NodeRegistration(node_id="pool1", agent_url="http://pool1:9000", slurm_job_id="71",
+                                           pool_model="big"), h.controller.authenticate_token(token.token))
+    h.controller.revoke_credential(token.credential_id)  # its node is lost: only the node is known now
+
+    with pytest.raises(NoCapacityPossible):
+        h.controller.route_once("big", group="chemistry")
+    with pytest.raises(NoCapacity) as physics:
+        h.controller.route_once("big", group="physics")  # its pool's agent may come back
+    assert not isinstance(physics.value, NoCapacityPossible)
+
+
+def test_a_shared_pool_token_keeps_everyones_request_waiting(big_model):
+    h = big_model
+    h.controller.issue_pool_token(PoolTokenRequest(model="big", group="physics", shared=True))
+
+    for group in ("chemistry", None):
+        with pytest.raises(NoCapacity) as raised:
+            h.controller.route_once("big", group=group)
+        assert not isinstance(raised.value, NoCapacityPossible), raised.value
