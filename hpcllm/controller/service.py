@@ -1705,6 +1705,17 @@ class Controller:
         except AllocationFailed as exc:
             slurm_failed = exc
         for node in self.registry.nodes(states=("up", "draining")):
+            # What its agent may announce, as for its heartbeats: a pool token's agent, its own model only; one whose
+            # token is missing or revoked (its heartbeats get 401), nothing, and its node is lost at once, as
+            # revoke_credential does (the controller may have stopped between the revoke and that step): no route
+            # goes to the instances it had, whether its agent answers or not.
+            try:
+                principal = CLUSTER if on_cluster_secret(node.credential_id) \
+                    else _principal_of(node.credential_id, self.registry.get_credential(node.credential_id))
+            except CredentialError as exc:
+                log.error("reconcile: node %s is lost, its agent's credential is refused: %s", node.node_id, exc)
+                self.registry.node_left(node.node_id, "lost")
+                continue
             self.agents.set_key(node.agent_url, self._node_key_if_any(node))
             try:
                 instances = self.agents.list_instances(node.agent_url)
@@ -1712,11 +1723,7 @@ class Controller:
                 # Not fatal: if the agent is really gone its heartbeats stop and the autoscaler declares it lost.
                 log.warning("reconcile: node %s did not answer (%s)", node.node_id, exc)
                 continue
-            # What its agent may announce, as for its heartbeats: a pool token's agent, its own model only; one whose
-            # token is missing or revoked (its heartbeats get 401), nothing.
             try:
-                principal = CLUSTER if on_cluster_secret(node.credential_id) \
-                    else _principal_of(node.credential_id, self.registry.get_credential(node.credential_id))
                 check_models(principal, [i.model for i in instances])
             except CredentialError as exc:
                 log.error("reconcile: the instance list of node %s is refused: %s", node.node_id, exc)
