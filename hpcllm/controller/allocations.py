@@ -17,6 +17,7 @@ submitted: a second sbatch after a lost answer could double the allocation.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -50,6 +51,10 @@ log = logging.getLogger(__name__)
 CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
 # Reason recorded on an allocation cancelled because the node it asked for by name stayed busy.
 PREFERRED_NODE_BUSY = "preferred node busy"
+# Slurm's pending reasons (squeue's REASON, its first word) of a job that waits for the nodes it asked for by name,
+# or is held back after a requeue (BeginTime): a job for any other node may start sooner. Any other reason (a QOS or
+# account limit such as QOSMaxJobsPerUserLimit or AssocGrpGRES, a hold, a partition limit) holds a resubmission too.
+NODE_PENDING_REASONS = frozenset({"Resources", "Priority", "ReqNodeNotAvail", "NodeDown", "BeginTime"})
 # Node states (sinfo) where a new job could start soon.
 USABLE_NODE_STATES = {"IDLE", "MIXED"}
 # Every allocation's job carries a comment TAG_PREFIX + uuid4 hex: how it is found after a crash.
@@ -58,6 +63,14 @@ TAG_PREFIX = "hpcllm-alloc-"
 
 def new_allocation_tag() -> str:
     return f"{TAG_PREFIX}{uuid.uuid4().hex}"
+
+
+def waits_for_its_nodes(pending_reason: str | None) -> bool:
+    """Whether a queued job asking for nodes by name may start sooner elsewhere: Slurm keeps it pending for its
+    nodes (NODE_PENDING_REASONS), or gives no reason (a backend that tells none: as if it did)."""
+    if not pending_reason:
+        return True
+    return re.split(r"[\s,:(]", pending_reason.strip(), maxsplit=1)[0] in NODE_PENDING_REASONS
 
 
 # Where a queue wait comes from (PlacementBreakdown.queue_wait_source).
@@ -128,6 +141,8 @@ class Allocator:
         # Held from picking an allocation's nodes until its intent (naming them) is committed, so two submissions
         # at once (a route call and the autoscaler) never pick the same node.
         self._pick_lock = threading.Lock()
+        # Why Slurm keeps each queued allocation pending, as the last poll (sync) said (pending_reason).
+        self._pending_reasons: dict[str, str] = {}
 
     # ----------------------------------------------------------------------------------------- questions
 
@@ -378,12 +393,19 @@ class Allocator:
             statuses = self.backend.statuses([a.job_id for a in active])
         except SlurmError as exc:
             raise AllocationFailed(f"cannot poll Slurm: {exc}") from None
+        self._pending_reasons = {job_id: status.reason for job_id, status in statuses.items()
+                                 if status.reason and status.state in (JobState.PENDING, JobState.REQUEUED)}
         for alloc in active:
             status = statuses.get(alloc.job_id)
             new_state = self._apply_status(alloc, status, now)
             if new_state is not None:
                 changes[alloc.job_id] = new_state
         return changes
+
+    def pending_reason(self, job_id: str) -> str | None:
+        """Why Slurm keeps a queued allocation of ours pending (squeue's REASON, e.g. Resources,
+        QOSMaxJobsPerUserLimit), as of the last poll; None when it is not queued or Slurm gave no reason."""
+        return self._pending_reasons.get(job_id)
 
     def _settle_intents(self) -> dict[str, str]:
         """Adopt the Slurm jobs of intents left by a crash (or a lost sbatch answer); drop intents with no live job.
@@ -558,4 +580,4 @@ class Allocator:
         return sorted(busy)
 
 
-__all__ = ["PREFERRED_NODE_BUSY", "TAG_PREFIX", "Allocator", "QueueWait", "new_allocation_tag"]
+__all__ = ["PREFERRED_NODE_BUSY", "TAG_PREFIX", "Allocator", "QueueWait", "new_allocation_tag", "waits_for_its_nodes"]

@@ -3,7 +3,7 @@
 Each tick, in order:
 1. Slurm: poll every active allocation in one call; ended jobs take their nodes with them; started ones get a
    walltime end and a staggered retirement time. An allocation queued too long for a node asked for by name is
-   resubmitted for any node.
+   resubmitted for any node (unless Slurm holds it for a limit, not for the node: it keeps its place).
 2. Node agents silent for node_timeout_seconds are lost (their instances forgotten).
 3. Reservations the agent never confirmed (the controller died mid-start, the agent hung) are dropped.
 4. Instances of undeployed models are stopped.
@@ -29,7 +29,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from hpcllm.controller.allocations import PREFERRED_NODE_BUSY
+from hpcllm.controller.allocations import PREFERRED_NODE_BUSY, waits_for_its_nodes
 from hpcllm.controller.errors import AgentError, ControllerError
 from hpcllm.controller.registry import AllocationRecord
 from hpcllm.controller.service import ROUTABLE_NODE_STATES, Controller, allocation_agents, is_retiring
@@ -63,6 +63,8 @@ class Autoscaler:
         self.registry = controller.registry
         self.allocator = controller.allocator
         self.settings = controller.settings
+        # The Slurm reason each queued allocation kept past preferred_node_wait_seconds was logged with (once).
+        self._held: dict[str, str] = {}
 
     def tick(self, now: float) -> TickReport:
         report = TickReport(now)
@@ -106,10 +108,22 @@ class Autoscaler:
         return max(free) if free else max(ideal, start)
 
     def _unstick_pending_allocations(self, now: float, report: TickReport) -> None:
-        """An allocation asking for a node by name can queue forever if that node got taken: ask for any node."""
-        for alloc in self.registry.allocations(active_only=True):
+        """An allocation asking for a node by name can queue forever if that node got taken: ask for any node. Not
+        when Slurm holds it for another reason (a QOS or account limit: waits_for_its_nodes): a new job would queue
+        behind the same limit, at the back; it keeps its place, and the admin is told why (log, hpcllm status)."""
+        active = self.registry.allocations(active_only=True)
+        self._held = {job: why for job, why in self._held.items() if any(a.job_id == job for a in active)}
+        for alloc in active:
             if alloc.state != "pending" or not alloc.preferred_nodes \
                     or now - alloc.submitted_at < self.settings.preferred_node_wait_seconds:
+                continue
+            reason = self.allocator.pending_reason(alloc.job_id)
+            if not waits_for_its_nodes(reason):
+                if self._held.get(alloc.job_id) != reason:
+                    self._held[alloc.job_id] = reason
+                    log.warning("allocation %s for %s has queued %.0f s for %s: Slurm holds it for %s, which a new "
+                                "job on another node would wait for as well; it stays queued", alloc.job_id,
+                                alloc.model, now - alloc.submitted_at, ", ".join(alloc.preferred_nodes), reason)
                 continue
             self.allocator.cancel(alloc.job_id, PREFERRED_NODE_BUSY, now)
             report.actions.append(Action("cancel_stuck_allocation", alloc.job_id, f"{alloc.preferred_nodes} busy"))

@@ -275,7 +275,8 @@ def print_status(st: ClusterStatus) -> None:
                             ",".join(a.nodes) or
                             (f"prefer {','.join(a.preferred_nodes)}" if a.preferred_nodes else "-"),
                             _ago(st.now, a.submitted_at), _wait_cell(a.queue_wait_seconds, a.queue_wait_source),
-                            retire, a.reason or "")
+                            retire, "; ".join(filter(None, [a.reason,
+                                                            a.pending_reason and f"Slurm: {a.pending_reason}"])))
     tables = [models, nodes, instances, allocations]
     if st.migrations:
         migrations = Table(title="recent migrations")

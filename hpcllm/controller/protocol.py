@@ -493,6 +493,8 @@ class AllocationStatus(Wire):
     walltime_end: float | None
     retire_at: float | None
     reason: str | None
+    # Why Slurm keeps it queued (squeue's REASON, e.g. Resources, QOSMaxJobsPerUserLimit), as of the last poll.
+    pending_reason: str | None = None
     # Until its agent registers: the estimated seconds until it could take an instance, and where that comes from
     # (PlacementBreakdown.queue_wait_source).
     queue_wait_seconds: float | None = None

@@ -677,6 +677,8 @@ class Controller:
                                 preferred_nodes=alloc.preferred_nodes, submitted_at=alloc.submitted_at,
                                 started_at=alloc.started_at, walltime_end=alloc.walltime_end,
                                 retire_at=alloc.retire_at, reason=alloc.reason,
+                                pending_reason=self.allocator.pending_reason(alloc.job_id)
+                                if alloc.state == "pending" else None,
                                 queue_wait_seconds=wait.seconds if wait else None,
                                 queue_wait_source=wait.source if wait else None,
                                 phase=RETIRING_PHASE if retiring else None,

@@ -39,6 +39,7 @@ class FakeJob:
     nodes: tuple[str, ...] = ()
     start_time: float | None = None
     end_time: float | None = None
+    reason: str | None = None  # why Slurm keeps it pending (squeue's REASON), as tests set it
 
 
 class RecordingBackend(SlurmBackend):
@@ -81,14 +82,14 @@ class RecordingBackend(SlurmBackend):
                 out[job_id] = JobStatus(job_id=job_id, state=JobState.UNKNOWN, missing=True)
             else:
                 out[job_id] = JobStatus(job_id=job_id, state=job.state, raw_state=job.state.value, nodes=job.nodes,
-                                        start_time=job.start_time, end_time=job.end_time)
+                                        start_time=job.start_time, end_time=job.end_time, reason=job.reason)
         return out
 
     def list_jobs(self) -> dict[str, JobStatus]:
         self._check("list_jobs")
         return {job_id: JobStatus(job_id=job_id, state=job.state, raw_state=job.state.value, nodes=job.nodes,
                                   name=job.spec.name, start_time=job.start_time, end_time=job.end_time,
-                                  comment=job.spec.comment)
+                                  comment=job.spec.comment, reason=job.reason)
                 for job_id, job in self.jobs.items()}
 
     def cancel(self, job_id: str) -> None:
@@ -129,6 +130,7 @@ class RecordingBackend(SlurmBackend):
     def start(self, job_id: str, node: str, now: float, walltime: float = 3600.0) -> None:
         job = self.jobs[job_id]
         job.state, job.nodes, job.start_time, job.end_time = JobState.RUNNING, (node,), now, now + walltime
+        job.reason = None
 
     def run_job(self, job_id: str, node: str, now: float = 0.0) -> None:
         """Someone else's job (a group's model pool) running on `node`, as squeue would list it."""
