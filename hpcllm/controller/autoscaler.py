@@ -294,28 +294,44 @@ class Autoscaler:
 
     def _ensure_min_and_demand(self, now: float, report: TickReport) -> None:
         # What everyone may be routed to (as step 6): a group's own pool neither keeps the model at min_instances
-        # nor serves the demand of the other groups' requests that found no capacity.
+        # nor serves the demand of the other groups' requests that found no capacity. A group's own demand it does
+        # serve: that group's requests may go there (routable_nodes(group)).
         routable = self.controller.routable_nodes(group=None)
         demand = self.registry.demand()
-        active_by_model: dict[str, list] = defaultdict(list)  # one read for all models, not one per model
+        serving_by_model: dict[str, list] = defaultdict(list)  # one read for all models, not one per model
         for inst in self.registry.instances():
-            if inst.state in ("ready", "loading") and inst.node_id in routable:
-                active_by_model[inst.model].append(inst)
+            if inst.state in ("ready", "loading"):
+                serving_by_model[inst.model].append(inst)
+        routable_for = {group: set(self.controller.routable_nodes(group))
+                        for group in {g for d in demand.values() for g in d.groups} - {None}}
+        routable_for[None] = set(routable)
         for model in self.registry.models():
-            active = self.controller.counted_instances(active_by_model[model.name])
-            wanted = model.name in demand
-            if wanted:
+            serving = self.controller.counted_instances(serving_by_model[model.name])
+            active = [i for i in serving if i.node_id in routable]
+            unmet = []  # groups whose demand nothing ready or loading where their requests may go answers
+            if model.name in demand:
+                asked = demand[model.name]
                 keep_alive = model.keep_alive_seconds if model.keep_alive_seconds is not None \
                     else self.settings.keep_alive_seconds
-                if any(i.state == "ready" for i in active) or now - demand[model.name][1] > keep_alive:
-                    self.registry.clear_demand(model.name)  # served, or nobody has asked for a long time
-                    wanted = False
+                if now - asked.last > keep_alive:
+                    self.registry.clear_demand(model.name, asked.groups)  # nobody has asked for a long time
+                else:
+                    served = frozenset(g for g in asked.groups if any(
+                        i.state == "ready" and i.node_id in routable_for[g] for i in serving))
+                    if served:
+                        self.registry.clear_demand(model.name, served)
+                    unmet = sorted((g for g in asked.groups - served
+                                    if not any(i.node_id in routable_for[g] for i in serving)),
+                                   key=lambda g: (g is not None, g or ""))
             below_min = len(active) < model.min_instances
-            if not (wanted and not active) and not below_min:
+            if not unmet and not below_min:
                 continue
             if any(i.state == "loading" for i in active) or self.controller.pending_allocations(model.name):
                 continue  # capacity is on its way: one cold start / allocation at a time per model
-            self._start(model, "start_for_demand" if wanted and not active else "start_min", report)
+            if unmet:  # started where everyone may go (placement never picks a pool), counted for that group
+                self._start(model, "start_for_demand", report, group=unmet[0])
+            else:
+                self._start(model, "start_min", report)
 
     def _prune_history(self, now: float, report: TickReport) -> None:
         if self.registry.prune_history(now - self.settings.history_seconds):

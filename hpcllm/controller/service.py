@@ -933,14 +933,14 @@ class Controller:
                 never = self.why_never_capacity(model, group)
                 if never is not None:  # no demand noted: nothing could ever serve it
                     raise NoCapacityPossible(never)
-                self.registry.note_demand(model.name, now)
+                self.registry.note_demand(model.name, now, group)
                 raise NoCapacity(self._no_capacity_reason(model, candidates),
                                  retry_after=self.settings.allocation_start_estimate_seconds)
             breakdown = decision.breakdown()
             target = targets[decision.chosen.node]
             log.info("placement of %s: %s", model.name, breakdown.model_dump_json())
             if target.kind in ("pending", "idle", "residency"):
-                self.registry.note_demand(model.name, now)  # so the instance starts as soon as there is room
+                self.registry.note_demand(model.name, now, group)  # so the instance starts once there is room
             if target.kind == "residency":
                 return RouteWaiting(status="waiting", model=model.name, node_id=target.node.node_id,
                                     retry_after=self.settings.route_retry_after_seconds)
@@ -948,7 +948,7 @@ class Controller:
                 return RouteWaiting(status="allocating", model=model.name, job_id=target.job_id,
                                     retry_after=self.settings.route_retry_after_seconds)
             if target.kind == "idle":
-                return self._allocate(model, target, now)
+                return self._allocate(model, target, now, group=group)
             node = target.node
             gpu_ids = self._assign_gpus(model, node, set(decision.chosen.migrate))
             reservation = self.registry.reserve_instance(model.name, node.node_id, gpu_ids, now,
@@ -959,7 +959,7 @@ class Controller:
         # The agent calls run outside the lock: the reservation already keeps other routes from double-booking.
         for victim in victims:
             self.move_instance(node, victim, trigger="placement")
-        return self._ask_agent(model, node, gpu_ids, reservation)
+        return self._ask_agent(model, node, gpu_ids, reservation, group)
 
     def _one_start_at_a_time(self, model: DeployedModel, exclude_nodes: frozenset[str],
                              group: str | None = None) -> RouteWaiting | None:
@@ -987,7 +987,7 @@ class Controller:
         return [i for i in instances if not (i.state == "loading" and i.node_id in failed)]
 
     def _ask_agent(self, model: DeployedModel, node: NodeRecord, gpu_ids: list[int],
-                   reservation: str) -> RouteWaiting:
+                   reservation: str, group: str | None = None) -> RouteWaiting:
         try:
             # The deployed context length, so the worker refuses exactly what the gateway refuses.
             started = self.agents.start_instance(node.agent_url, model.name, model.source, gpu_ids,
@@ -1001,13 +1001,14 @@ class Controller:
         # Remembered before the reservation becomes the instance: a heartbeat handled in between keeps it.
         self._agent_changes.confirmed(node.node_id, started.instance_id, self.clock(), started.instances_version)
         if not self.registry.confirm_instance(reservation, started.instance_id, started.worker_url):
-            return self._started_for_nothing(model, node, started.instance_id)
+            return self._started_for_nothing(model, node, started.instance_id, group)
         log.info("starting %s as %s on %s (gpus %s)", model.name, started.instance_id, node.node_id, gpu_ids)
         self._catch_up_adapters(model, node, started.instance_id)
         return RouteWaiting(status="starting", model=model.name, instance_id=started.instance_id,
                             node_id=node.node_id, retry_after=self.settings.route_retry_after_seconds)
 
-    def _started_for_nothing(self, model: DeployedModel, node: NodeRecord, instance_id: str) -> RouteWaiting:
+    def _started_for_nothing(self, model: DeployedModel, node: NodeRecord, instance_id: str,
+                             group: str | None = None) -> RouteWaiting:
         """Its reservation went while the agent started it (the model undeployed, maybe deployed again with another
         spec; the node lost): nothing else stops the instance. UnknownModel when the model is gone; else a retry,
         with demand noted, starts one of what is deployed now."""
@@ -1018,7 +1019,7 @@ class Controller:
                                f"(stopped)")
         log.info("stopped %s of %s on %s: its reservation went during the start", instance_id, model.name,
                  node.node_id)
-        self.registry.note_demand(model.name, self.clock())
+        self.registry.note_demand(model.name, self.clock(), group)
         return RouteWaiting(status="starting", model=model.name, retry_after=self.settings.route_retry_after_seconds)
 
     def _start_spanning(self, model: DeployedModel, exclude_nodes: frozenset[str],
@@ -1034,7 +1035,7 @@ class Controller:
             if waiting is not None:
                 return waiting
             picked = self._spanning_target(model, now, exclude_nodes, group)
-        return picked if isinstance(picked, RouteWaiting) else self._ask_agent(model, *picked)
+        return picked if isinstance(picked, RouteWaiting) else self._ask_agent(model, *picked, group)
 
     def _spanning_target(self, model: DeployedModel, now: float, exclude_nodes: frozenset[str],
                          group: str | None = None):
@@ -1052,7 +1053,7 @@ class Controller:
         never = self.why_never_capacity(model, group)
         if never is not None:
             raise NoCapacityPossible(never)
-        self.registry.note_demand(model.name, now)  # so the instance starts as soon as its allocation is up
+        self.registry.note_demand(model.name, now, group)  # so the instance starts as soon as its allocation is up
         pending = self.pending_allocations(model.name) + locating
         if pending:
             return RouteWaiting(status="allocating", model=model.name, job_id=pending[0].job_id,
@@ -1066,7 +1067,7 @@ class Controller:
         log.info("placement of %s: a new allocation of %d nodes x %d ranks: %s", model.name, model.nodes,
                  model.ranks_per_node, decision.breakdown().model_dump_json())
         chosen = decision.chosen.node
-        return self._allocate(model, Target("idle"), now, [] if chosen == ANY_NODES else chosen.split(","))
+        return self._allocate(model, Target("idle"), now, [] if chosen == ANY_NODES else chosen.split(","), group)
 
     def _spanning_allocations(self, model: DeployedModel
                               ) -> tuple[dict[str, AllocationRecord], list[AllocationRecord]]:
@@ -1366,14 +1367,14 @@ class Controller:
             listener(record)
 
     def _allocate(self, model: DeployedModel, target: Target, now: float,
-                  preferred: list[str] | None = None) -> RouteWaiting:
+                  preferred: list[str] | None = None, group: str | None = None) -> RouteWaiting:
         """Submit an allocation for the model: on target's node, on `preferred` (a spanning instance's node set),
-        else anywhere."""
+        else anywhere. group: whose request asks (its demand is noted when the submission fails)."""
         preferred = preferred or ([target.slurm_node] if target.slurm_node else [])
         try:
             job_id = self.allocator.submit(model, preferred, now)
         except AllocationFailed as exc:
-            self.registry.note_demand(model.name, now)
+            self.registry.note_demand(model.name, now, group)
             raise AllocationRefused(f"no node can host model {model.name!r} now, and requesting an allocation "
                                     f"failed: {exc}", retry_after=self.settings.allocation_start_estimate_seconds) \
                 from None

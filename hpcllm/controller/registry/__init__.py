@@ -6,6 +6,7 @@ from hpcllm.controller.registry.store import (
     CacheRecord,
     ColdStartRecord,
     CredentialRecord,
+    DemandRecord,
     HeartbeatOutcome,
     InstanceRecord,
     MigrationRecord,
@@ -15,4 +16,4 @@ from hpcllm.controller.registry.store import (
 )
 
 __all__ = ["AllocationIntent", "AllocationRecord", "CacheRecord", "ColdStartRecord", "CredentialRecord",
-           "HeartbeatOutcome", "InstanceRecord", "MigrationRecord", "NodeRecord", "Registry", "check_agent_process"]
+           "DemandRecord", "HeartbeatOutcome", "InstanceRecord", "MigrationRecord", "NodeRecord", "Registry", "check_agent_process"]

@@ -36,7 +36,7 @@ from hpcllm.controller.registry.databases import open_database, sqlite_path_from
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 RESERVED_PREFIX = "reserved:"
 
 # Node states: "up" (heartbeating, routable), "draining" (retiring: no new instances), "lost" (missed heartbeats),
@@ -172,7 +172,8 @@ CREATE INDEX IF NOT EXISTS credentials_by_job ON credentials (job_id);
 CREATE TABLE IF NOT EXISTS demand (
     model TEXT PRIMARY KEY,
     since REAL NOT NULL,
-    last REAL NOT NULL
+    last REAL NOT NULL,
+    groups TEXT
 );
 """
 
@@ -197,6 +198,9 @@ _MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     6: [("nodes", "job_end", "ALTER TABLE nodes ADD COLUMN job_end REAL")],
     # The agent process that registered the node (NodeRegistration.agent_process): another's heartbeat is refused.
     7: [("nodes", "agent_process", "ALTER TABLE nodes ADD COLUMN agent_process TEXT")],
+    # Whose requests found no capacity (a JSON list of groups, null: a key without a group): a group's own pool
+    # answers its group's demand only. NULL (rows of older controllers): everyone's, as they were counted.
+    8: [("demand", "groups", "ALTER TABLE demand ADD COLUMN groups TEXT")],
 }
 
 
@@ -326,6 +330,16 @@ class CredentialRecord:
     @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
+
+
+@dataclass(frozen=True)
+class DemandRecord:
+    """A model's route requests that found no capacity: the first and the latest, and whose (API key groups; None:
+    a key without a group)."""
+
+    since: float
+    last: float
+    groups: frozenset[str | None]
 
 
 @dataclass(frozen=True)
@@ -827,19 +841,30 @@ class Registry:
 
     # ------------------------------------------------------------------------------------------ demand & stats
 
-    def note_demand(self, model: str, now: float) -> None:
-        """A route request found no capacity for this model: the autoscaler should get some."""
+    def note_demand(self, model: str, now: float, group: str | None = None) -> None:
+        """A route request of an API key in `group` (None: without one) found no capacity for this model: the
+        autoscaler should get some where that group's requests may go."""
         with self._tx() as db:
-            db.execute("INSERT INTO demand (model, since, last) VALUES (?, ?, ?)"
-                       " ON CONFLICT(model) DO UPDATE SET last = excluded.last", (model, now, now))
+            row = db.execute("SELECT groups FROM demand WHERE model = ?", (model,)).fetchone()
+            groups = _demand_groups(row["groups"]) if row is not None else frozenset()
+            db.execute("INSERT INTO demand (model, since, last, groups) VALUES (?, ?, ?, ?)"
+                       " ON CONFLICT(model) DO UPDATE SET last = excluded.last, groups = excluded.groups",
+                       (model, now, now, _groups_json(groups | {group})))
 
-    def clear_demand(self, model: str) -> None:
+    def clear_demand(self, model: str, groups: frozenset[str | None] | None = None) -> None:
+        """Forget the model's demand of these groups (answered, or nobody asked for long); all of it for None."""
         with self._tx() as db:
-            db.execute("DELETE FROM demand WHERE model = ?", (model,))
+            row = db.execute("SELECT groups FROM demand WHERE model = ?", (model,)).fetchone()
+            left = _demand_groups(row["groups"]) - groups if row is not None and groups is not None else frozenset()
+            if left:
+                db.execute("UPDATE demand SET groups = ? WHERE model = ?", (_groups_json(left), model))
+            else:
+                db.execute("DELETE FROM demand WHERE model = ?", (model,))
 
-    def demand(self) -> dict[str, tuple[float, float]]:
+    def demand(self) -> dict[str, DemandRecord]:
         with self._read() as db:
-            return {r["model"]: (r["since"], r["last"]) for r in db.execute("SELECT * FROM demand")}
+            return {r["model"]: DemandRecord(r["since"], r["last"], _demand_groups(r["groups"]))
+                    for r in db.execute("SELECT * FROM demand")}
 
     def prune_history(self, before: float) -> int:
         """Forget allocations that ended and cold starts that finished before `before`; returns rows removed."""
@@ -1046,6 +1071,15 @@ def _instance(r) -> InstanceRecord:
                           r["tokens_in_flight"], r["prefill_tps"], r["requested_at"], r["last_used"], r["load_tier"],
                           r["load_seconds"], json.loads(r["placement"]) if r["placement"] else None,
                           ranks.get("tensor_parallel", 1), ranks.get("nodes", []), ranks.get("tiers", []))
+
+
+def _demand_groups(text: str | None) -> frozenset[str | None]:
+    """A demand row's groups; a row of a controller before they were kept (NULL) is everyone's."""
+    return frozenset([None]) if text is None else frozenset(json.loads(text))
+
+
+def _groups_json(groups: frozenset[str | None]) -> str:
+    return json.dumps(sorted(groups, key=lambda g: (g is not None, g or "")))
 
 
 def _names(text: str) -> list[str]:

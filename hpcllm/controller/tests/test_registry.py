@@ -97,7 +97,7 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
     write_v1_database(database_url, tmp_path)
     registry = Registry(database_url)
     try:
-        assert SCHEMA_VERSION == 7 and registry.schema_version() == 7
+        assert SCHEMA_VERSION == 8 and registry.schema_version() == 8
         n1, n2 = registry.nodes()
         assert (n1.node_id, n1.agent_url, n1.slurm_job_id, n1.job_scoped, n1.gpus, n1.h2d_gbps, n1.state,
                 n1.registered_at, n1.last_heartbeat, n1.pool_model) == \
@@ -146,13 +146,18 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
         assert {i.instance_id: (i.tensor_parallel, i.rank_nodes) for i in registry.instances()}["pool-1"] == \
             (2, ["n3", "n3"])
         assert len(registry.cold_starts()) == 2
+        registry.note_demand("tiny-llama", NOW, "physics")  # version 8: whose demand it is
+        registry.note_demand("tiny-llama", NOW + 1)
+        assert registry.demand()["tiny-llama"].groups == {None, "physics"}
+        registry.clear_demand("tiny-llama", frozenset({"physics"}))
+        assert (registry.demand()["tiny-llama"].groups, registry.demand()["tiny-llama"].last) == ({None}, NOW + 1)
     finally:
         registry.close()
 
-    # Opening it again is a no-op: still version 7, nothing lost.
+    # Opening it again is a no-op: still version 8, nothing lost.
     registry = Registry(database_url)
     try:
-        assert registry.schema_version() == 7
+        assert registry.schema_version() == 8
         assert registry.get_credential("pool-0123456789ab").model == "tiny-llama"
         assert [(n.node_id, n.pool_model) for n in registry.nodes()] == \
             [("n1", None), ("n2", None), ("n3", "tiny-llama")]
@@ -174,7 +179,8 @@ def test_the_upgrade_adds_the_column_to_the_file_itself(tmp_path):
     assert "ranks" in {row[1] for row in raw.execute("PRAGMA table_info(instances)")}
     assert {"placement_kind", "queue_wait_seconds", "migration_seconds", "tensor_parallel"} <= \
         {row[1] for row in raw.execute("PRAGMA table_info(cold_starts)")}
-    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(7,)]
+    assert "groups" in {row[1] for row in raw.execute("PRAGMA table_info(demand)")}
+    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(8,)]
     assert raw.execute("SELECT count(*) FROM credentials").fetchone() == (0,)
     assert raw.execute("SELECT count(*) FROM nodes").fetchone() == (2,)
     raw.close()
