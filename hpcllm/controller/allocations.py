@@ -51,10 +51,14 @@ log = logging.getLogger(__name__)
 CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
 # Reason recorded on an allocation cancelled because the node it asked for by name stayed busy.
 PREFERRED_NODE_BUSY = "preferred node busy"
-# Slurm's pending reasons (squeue's REASON, its first word) of a job that waits for the nodes it asked for by name,
-# or is held back after a requeue (BeginTime): a job for any other node may start sooner. Any other reason (a QOS or
-# account limit such as QOSMaxJobsPerUserLimit or AssocGrpGRES, a hold, a partition limit) holds a resubmission too.
-NODE_PENDING_REASONS = frozenset({"Resources", "Priority", "ReqNodeNotAvail", "NodeDown", "BeginTime"})
+# Slurm's pending reasons (squeue's REASON, its first word) of a job held back by what would hold a new job as
+# well: a QOS or association limit (QOSMaxJobsPerUserLimit, AssocGrpGRES), a limit of the job (PartitionTimeLimit),
+# licenses, an invalid account or QOS. Any other reason - waiting for its named node (Resources, Priority,
+# ReqNodeNotAvail, or the description squeue prints instead: "Nodes required for job are DOWN, DRAINED ..."), a
+# hold after a failed launch ("launch failed requeued held"; a new job is not held), BeginTime after a requeue -
+# may start sooner as a new job elsewhere.
+LIMIT_REASON_PREFIXES = ("QOS", "Assoc", "Invalid")
+LIMIT_REASONS = frozenset({"Licenses"})
 # Node states (sinfo) where a new job could start soon.
 USABLE_NODE_STATES = {"IDLE", "MIXED"}
 # Every allocation's job carries a comment TAG_PREFIX + uuid4 hex: how it is found after a crash.
@@ -66,11 +70,13 @@ def new_allocation_tag() -> str:
 
 
 def waits_for_its_nodes(pending_reason: str | None) -> bool:
-    """Whether a queued job asking for nodes by name may start sooner elsewhere: Slurm keeps it pending for its
-    nodes (NODE_PENDING_REASONS), or gives no reason (a backend that tells none: as if it did)."""
+    """Whether a queued job asking for nodes by name may start sooner as a new job on any node: unless Slurm holds
+    it for a limit a new job would meet as well (LIMIT_REASON_PREFIXES, LIMIT_REASONS, a reason ending in Limit).
+    No reason given (a backend that tells none) counts as waiting for the node, as before reasons were read."""
     if not pending_reason:
         return True
-    return re.split(r"[\s,:(]", pending_reason.strip(), maxsplit=1)[0] in NODE_PENDING_REASONS
+    word = re.split(r"[\s,:(]", pending_reason.strip(), maxsplit=1)[0]
+    return not (word.startswith(LIMIT_REASON_PREFIXES) or word in LIMIT_REASONS or word.endswith("Limit"))
 
 
 # Where a queue wait comes from (PlacementBreakdown.queue_wait_source).

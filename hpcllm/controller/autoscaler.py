@@ -109,7 +109,7 @@ class Autoscaler:
 
     def _unstick_pending_allocations(self, now: float, report: TickReport) -> None:
         """An allocation asking for a node by name can queue forever if that node got taken: ask for any node. Not
-        when Slurm holds it for another reason (a QOS or account limit: waits_for_its_nodes): a new job would queue
+        when Slurm holds it for a limit (QOS, association, licenses: waits_for_its_nodes): a new job would queue
         behind the same limit, at the back; it keeps its place, and the admin is told why (log, hpcllm status)."""
         active = self.registry.allocations(active_only=True)
         self._held = {job: why for job, why in self._held.items() if any(a.job_id == job for a in active)}

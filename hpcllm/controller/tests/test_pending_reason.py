@@ -1,7 +1,6 @@
 """An allocation queued on a node asked for by name (autoscaler step 1): resubmitted for any node after
-preferred_node_wait_seconds only when Slurm keeps it pending for the node (Resources, Priority, ReqNodeNotAvail);
-a limit of the job's account or QOS holds any resubmission as well, so it keeps its place in the queue, and the
-admin sees Slurm's reason (hpcllm status, the controller's log)."""
+preferred_node_wait_seconds, unless Slurm holds it for a limit that would hold a new job as well (QOS, association,
+licenses): then it keeps its place in the queue, and the admin sees Slurm's reason (hpcllm status, the log)."""
 
 from __future__ import annotations
 
@@ -10,7 +9,21 @@ import logging
 import pytest
 
 from hpcllm.controller.cli import print_status
+from hpcllm.slurm.adapter import job_status_from_json, jobs_from_squeue_text
 from hpcllm.slurm.base import JobState
+
+# Slurm's words for a named node that is down or drained (state_reason Resources, with this description).
+NODES_DOWN = "Nodes required for job are DOWN, DRAINED or reserved for jobs in higher priority partitions"
+
+
+def as_squeue_text_says(reason: str) -> str | None:
+    """The reason as the squeue text fallback (-O Reason) reads it: the description when Slurm has one."""
+    return jobs_from_squeue_text(f"7|PENDING|{reason}|||||0|batch|hpcllm|\n")["7"].reason
+
+
+def as_squeue_json_says(reason: str, description: str) -> str | None:
+    return job_status_from_json({"job_id": 7, "job_state": ["PENDING"], "state_reason": reason,
+                                 "state_description": description}).reason
 
 
 def queued_on_its_node(h) -> str:
@@ -23,7 +36,7 @@ def queued_on_its_node(h) -> str:
     return job
 
 
-@pytest.mark.parametrize("reason", ["QOSMaxJobsPerUserLimit", "AssocGrpGRES"])
+@pytest.mark.parametrize("reason", ["QOSMaxJobsPerUserLimit", "AssocGrpGRES", "Licenses", "PartitionTimeLimit"])
 def test_an_allocation_held_by_a_limit_keeps_its_place_and_shows_slurms_reason(make_harness, caplog, capsys,
                                                                               monkeypatch, reason):
     monkeypatch.setenv("COLUMNS", "250")
@@ -50,9 +63,17 @@ def test_an_allocation_held_by_a_limit_keeps_its_place_and_shows_slurms_reason(m
     assert h.backend.jobs[second].spec.nodelist == ("n1",)
 
 
-@pytest.mark.parametrize("reason", ["Resources", "Priority", "ReqNodeNotAvail, UnavailableNodes:n3", "BeginTime", None])
+@pytest.mark.parametrize("reason", [
+    "Resources", "Priority", "ReqNodeNotAvail, UnavailableNodes:n3", "BeginTime", None,
+    as_squeue_text_says(NODES_DOWN), as_squeue_json_says("Resources", NODES_DOWN),
+    # a launch failure on the named node: Slurm requeues the job held; a new job is not held
+    as_squeue_text_says("launch failed requeued held"),
+    as_squeue_json_says("JobHeldAdmin", "launch failed requeued held"),
+    "JobHeldUser",
+])
 def test_an_allocation_waiting_for_its_named_node_is_resubmitted_for_any_node(make_harness, reason):
-    """Waiting for the node, held back after a requeue (BeginTime), or Slurm gives no reason: as before."""
+    """Waiting for the node (whichever way Slurm words it), held (after a failed launch, or by a user), held back
+    after a requeue (BeginTime), or Slurm gives no reason: a new job on any node may start sooner."""
     h = make_harness(preferred_node_wait_seconds=120)
     job = queued_on_its_node(h)
     h.backend.jobs[job].reason = reason
