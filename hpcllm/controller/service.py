@@ -810,8 +810,8 @@ class Controller:
             overtaken=lambda: not self._agent_changes.newer_report(node_id, report, now, stopped_since))
         if outcome.became_ready:
             self._start_costs = None  # learn from the new cold starts at the next placement
-        # The demand it answers is cleared by the autoscaler's next step (Autoscaler._ensure_min_and_demand), which
-        # counts only what serves everyone: a group's own pool leaves another group's demand for the model.
+        # The demand it answers is cleared by the autoscaler's next step (Autoscaler._ensure_min_and_demand), per
+        # group: a group's own pool clears that group's demand for the model, not another group's or everyone's.
         for cold in outcome.became_ready:
             for listener in self.cold_start_listeners:
                 listener(cold)
