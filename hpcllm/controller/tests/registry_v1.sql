@@ -94,6 +94,7 @@ CREATE TABLE IF NOT EXISTS demand (
 INSERT INTO schema_version (version) VALUES (1);
 INSERT INTO allocations VALUES('4242','running','tiny-llama','["n1"]','["n1"]','batch',3600.0,1700000001.0,1700000010.0,NULL,NULL,NULL,NULL,NULL);
 INSERT INTO cache VALUES('n1','tiny-llama','nvme',123456789,1,1700000000.0,1);
+INSERT INTO demand VALUES('tiny-llama',1700000030.0,1700000040.0);
 INSERT INTO cold_starts VALUES(1,'tiny-llama','n1','inst-1','nvme',0.8,1700000012.0,1700000020.0,NULL);
 INSERT INTO instances VALUES('inst-1','tiny-llama','n1','ready','http://n1:9100','[0]',0,0,NULL,NULL,1700000012.0,1700000020.0,'nvme',0.8,NULL);
 INSERT INTO models VALUES('tiny-llama','{"name":"tiny-llama","source":"/shared/models/tiny-llama","size_bytes":123456789,"gpus":0,"max_model_len":null,"keep_alive_seconds":300.0,"min_instances":0,"max_instances":2,"slurm":{"partition":null,"account":null,"qos":null,"time":null},"deployed_at":1700000000.0}',123456789,1700000000.0);

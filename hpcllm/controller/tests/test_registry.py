@@ -124,6 +124,9 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
         assert (old_start.placement_kind, old_start.tensor_parallel, old_start.start_overhead_seconds) == \
             (None, 1, None)
         assert registry.running_node_cold_starts() == []
+        # Demand from before version 8 does not say whose it is: everyone's (served only by a public instance).
+        old_demand = registry.demand()["tiny-llama"]
+        assert (old_demand.since, old_demand.last, old_demand.groups) == (1700000030.0, 1700000040.0, {None})
 
         # The upgraded database takes the new field, and keeps working as before.
         registry.register_node(registration("n3", job="4244").model_copy(update={"pool_model": "tiny-llama"}),
@@ -146,11 +149,12 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
         assert {i.instance_id: (i.tensor_parallel, i.rank_nodes) for i in registry.instances()}["pool-1"] == \
             (2, ["n3", "n3"])
         assert len(registry.cold_starts()) == 2
-        registry.note_demand("tiny-llama", NOW, "physics")  # version 8: whose demand it is
-        registry.note_demand("tiny-llama", NOW + 1)
+        registry.note_demand("tiny-llama", NOW, "physics")  # version 8: whose demand it is, added to the old row's
         assert registry.demand()["tiny-llama"].groups == {None, "physics"}
         registry.clear_demand("tiny-llama", frozenset({"physics"}))
-        assert (registry.demand()["tiny-llama"].groups, registry.demand()["tiny-llama"].last) == ({None}, NOW + 1)
+        assert (registry.demand()["tiny-llama"].groups, registry.demand()["tiny-llama"].last) == ({None}, NOW)
+        registry.clear_demand("tiny-llama", frozenset({None}))
+        assert "tiny-llama" not in registry.demand()
     finally:
         registry.close()
 
