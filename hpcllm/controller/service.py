@@ -1399,8 +1399,9 @@ class Controller:
         busy or draining nodes, max_allocations in use, a submission not settled, an allocation on its way, an agent
         that may still register - keeps it temporary. "Allocations never": no Slurm backend, allocate_on_demand off
         or max_allocations = 0 (Allocator.why_never_submit). Permanent only where no model pool of the model may
-        serve the request (a pool node of it known, or a pool token for it not revoked, of `group` or --shared: a
-        pool's agent starts its instance itself; another group's pool never serves it), and:
+        serve the request (a pool node of it known, on the cluster secret or a token not revoked, or a pool token
+        for it not revoked, of `group` or --shared: a pool's agent starts its instance itself; another group's pool
+        never serves it; a revoked token's agent never comes back), and:
         - an instance spanning nodes (it runs in an allocation of its own only): allocations never, no allocation of
           this model active, none of any model on its way;
         - an instance on one node: it needs more slots (its GPUs; CPU: one per rank) than any node can offer even
@@ -1464,11 +1465,16 @@ class Controller:
 
     def _pool_may_serve(self, model: DeployedModel, group: str | None) -> bool:
         """A model pool of this model may serve a request of `group` (its own group's pool, or a --shared one): one
-        of its nodes is known (not gone), or a pool token for it is not revoked (a user's pool job may still start)."""
+        of its nodes is known (not gone) whose agent may still be heard (on the cluster secret, or its token not
+        revoked: a revoked token's agent gets 401 for good), or a pool token for it is not revoked (a user's pool
+        job may still start)."""
+        tokens = self.registry.credentials(kind="pool")
+        live = {c.credential_id for c in tokens if not c.revoked}
         return any(n.pool_model == model.name and visible_to(n.serves_group, group)
+                   and (on_cluster_secret(n.credential_id) or n.credential_id in live)
                    for n in self.registry.nodes(states=("up", "draining", "lost"))) or \
             any(c.model == model.name and not c.revoked and visible_to(_principal(c).serves_group, group)
-                for c in self.registry.credentials(kind="pool"))
+                for c in tokens)
 
     # ------------------------------------------------------------------------------------ placement inputs
 
