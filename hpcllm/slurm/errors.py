@@ -66,6 +66,10 @@ def already_done(exc: SlurmError) -> bool:
     return not isinstance(exc, SlurmUnavailable) and bool(_ALREADY_DONE.search(exc.slurm_message))
 
 
+# Slurm's words when the nodes a job may use (its partition's, less --exclude, or just --nodelist) cannot hold it.
+_NODES_CANNOT_HOLD = "Requested node configuration is not available"
+
+
 # Slurm's words for a job refused over a setting hpcllm chose (slurm_errno.c; the same in 22.05 and later), the
 # [slurm] keys that chose it, and where the user finds what the site allows.
 _SETTING_REFUSALS = (
@@ -81,7 +85,7 @@ _SETTING_REFUSALS = (
     ("Job violates accounting/QOS policy", ("qos", "time", "gpus_per_node"),
      "`sacctmgr show qos format=name,maxwall,maxtrespu,maxtrespj,maxsubmitpu` shows the QOS limits"),
     # More GPUs per node (or nodes of that shape) than any node of the partition has.
-    ("Requested node configuration is not available", ("gpus_per_node", "partition"),
+    (_NODES_CANNOT_HOLD, ("gpus_per_node", "partition"),
      "`sinfo -o '%P %D %G'` shows each partition's nodes and GRES (nodes a job names must have them too)"),
 )
 # The keys a model's own [slurm] table may override: controller.protocol.SlurmOverrides' fields (a controller test
@@ -100,9 +104,20 @@ def with_setting_hint(exc: SlurmError, spec: JobSpec) -> SlurmError:
             asked = ", ".join(f"{key} {_asked(spec, key)}" for key in keys)
             overrides = " or ".join(f"the model's slurm.{key}" for key in keys if key in MODEL_OVERRIDES)
             settings = " and ".join(f"[slurm] {key}" for key in keys) + (f" (or {overrides})" if overrides else "")
-            return SlurmError(f"{exc} -- the job asked for {asked}: set {settings} in hpcllm's config to what this "
-                              f"site allows; {where}", exc.slurm_message)
+            return SlurmError(f"{exc} -- the job asked for {asked}{_node_choice(spec, words)}: set {settings} in "
+                              f"hpcllm's config to what this site allows; {where}", exc.slurm_message)
     return exc
+
+
+def _node_choice(spec: JobSpec, words: str) -> str:
+    """For a refusal over the nodes a job may use, the nodes it named or left out: the controller leaves out the
+    nodes where its agents run, and where those are all of the partition's nodes, Slurm refuses in these words."""
+    if words != _NODES_CANNOT_HOLD:
+        return ""
+    named = f", only nodes {','.join(spec.nodelist)} (--nodelist)" if spec.nodelist else ""
+    left_out = f", none of nodes {','.join(spec.exclude)} (--exclude; too few of the partition's nodes may be " \
+               f"left)" if spec.exclude else ""
+    return named + left_out
 
 
 def _asked(spec: JobSpec, key: str) -> str:
