@@ -426,7 +426,7 @@ def count_gpus(gres: str | None) -> int:
             key, _, value = entry.partition("=")
             total += _count(value) if key == "gres/gpu" else 0
             continue
-        entry = re.sub(r"\(.*\)$", "", entry)
+        entry = re.sub(r"\([^()]*\)$", "", entry)  # the last group only: an untyped GPU's type prints as "(null)"
         parts = entry.split(":")
         if parts[0] != "gpu":
             continue
