@@ -313,21 +313,24 @@ def missing_status(job_id: str, why: str) -> JobStatus:
 
 
 # Pinned `squeue` text format (fallback when --json fails): one line per job, fields split by "|".
-# Name goes last: it is the one field that may hold the separator.
+# Name goes last: it is the one field that may hold the separator. JobID is the job's own number (as in squeue
+# --json); JobArrayID its id as users give it where that differs: an array task's "12_3", a het component's "12+1".
 SQUEUE_TEXT_FIELDS = ("JobID", "State", "Reason", "NodeList", "StartTime", "EndTime", "TimeLimit", "RestartCnt",
-                      "Partition", "Name")
+                      "Partition", "JobArrayID", "Name")
 SQUEUE_TEXT_FORMAT = ",".join(f"{name}:0|" for name in SQUEUE_TEXT_FIELDS)
 
 
-def jobs_from_squeue_text(text: str) -> dict[str, JobStatus]:
-    """Output of `squeue -h -a -t all -O <SQUEUE_TEXT_FORMAT>` with SLURM_TIME_FORMAT=%s -> statuses."""
+def jobs_from_squeue_text(text: str, *, wanted: Collection[str] = ()) -> dict[str, JobStatus]:
+    """Output of `squeue -h -a -t all --array -O <SQUEUE_TEXT_FORMAT>` with SLURM_TIME_FORMAT=%s -> statuses by job
+    number; each of `wanted` that is an array task ("A_T") or a het component ("H+O") also by that id."""
+    other_ids = {job_id for job_id in wanted if not job_id.isdigit()}
     statuses = {}
     for line in text.splitlines():
         fields = [f.strip() for f in line.split("|")]
         if len(fields) < len(SQUEUE_TEXT_FIELDS) or not fields[0]:
             continue
-        job_id, state, reason, nodelist, start, end, limit, restarts, partition = fields[:9]
-        name = "|".join(fields[9:]).removesuffix("|").strip()  # each field ends with "|", the name too
+        job_id, state, reason, nodelist, start, end, limit, restarts, partition, shown_id = fields[:10]
+        name = "|".join(fields[10:]).removesuffix("|").strip()  # each field ends with "|", the name too
         word = slurm_state_word(state)
         statuses[job_id] = JobStatus(
             job_id=job_id,
@@ -342,6 +345,8 @@ def jobs_from_squeue_text(text: str) -> dict[str, JobStatus]:
             time_limit=_walltime_text_to_seconds(limit),
             restart_count=_count(restarts),
         )
+        if shown_id in other_ids:
+            statuses[shown_id] = dataclasses.replace(statuses[job_id], job_id=shown_id)
     return statuses
 
 

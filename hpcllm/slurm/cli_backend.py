@@ -263,9 +263,9 @@ class CliBackend(SlurmBackend):
 
     def _squeue_all(self, wanted: list[str] | tuple[str, ...] = ()) -> dict[str, JobStatus]:
         """Every job slurmctld still holds (all users, all partitions, all states), in one call; the wanted array
-        tasks and heterogeneous components also under "A_T" / "H+O" (the text format lists them so already)."""
+        tasks and heterogeneous components also under "A_T" / "H+O"."""
         listed = self._squeue_from_json(wanted)
-        return listed if listed is not None else self._squeue_text()
+        return listed if listed is not None else self._squeue_text(wanted)
 
     def _squeue_from_json(self, wanted: list[str] | tuple[str, ...] = ()) -> dict[str, JobStatus] | None:
         """_squeue_all() from `squeue --json`; None when the text format is to be used (this time or for good)."""
@@ -278,10 +278,10 @@ class CliBackend(SlurmBackend):
             self._squeue_json = False
         return None
 
-    def _squeue_text(self) -> dict[str, JobStatus]:
+    def _squeue_text(self, wanted: list[str] | tuple[str, ...] = ()) -> dict[str, JobStatus]:
         result = self._run(["squeue", "--noheader", "--all", "--states=all", "--array",
                             f"--Format={adapter.SQUEUE_TEXT_FORMAT}"])
-        return adapter.jobs_from_squeue_text(result.stdout)
+        return adapter.jobs_from_squeue_text(result.stdout, wanted=wanted)
 
     def _sacct(self, job_ids: list[str]) -> dict[str, JobStatus]:
         if self._accounting is False:

@@ -325,7 +325,7 @@ def test_a_controller_older_than_the_agent_process_id_takes_the_registration_wit
 
 def squeue_line(job: str, end: int, limit: str = "1:00:00") -> str:
     """One line of `squeue -h -O <adapter.SQUEUE_TEXT_FORMAT>` (SLURM_TIME_FORMAT=%s) for a running job."""
-    return f"{job}|RUNNING|None|n8|{end - 3600}|{end}|{limit}|0|debug|hpcllm-pool|\n"
+    return f"{job}|RUNNING|None|n8|{end - 3600}|{end}|{limit}|0|debug|{job}|hpcllm-pool|\n"
 
 
 @pytest.fixture

@@ -94,7 +94,7 @@ def test_real_22_05_squeue_text_fallback_matches_json():
 
 
 def test_squeue_text_name_may_hold_the_separator():
-    line = "7|RUNNING|None|n[3-4]|1700000000|1700000600|10:00|1|batch|odd|name|\n"
+    line = "7|RUNNING|None|n[3-4]|1700000000|1700000600|10:00|1|batch|7|odd|name|\n"
     status = adapter.jobs_from_squeue_text(line)["7"]
     assert status.name == "odd|name" and status.nodes == ("n3", "n4") and status.restart_count == 1
     assert status.time_limit == 600

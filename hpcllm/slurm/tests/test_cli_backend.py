@@ -411,12 +411,12 @@ def test_a_command_past_its_timeout_is_ended_with_what_it_started(fake):
 
 def test_job_end_is_one_squeue_call_for_the_job_as_slurm_says_it_now(fake, backend):
     # A model pool's agent asks for its own job's end (hpcllm.node.job_end): start + time limit, none when unlimited.
-    fake.on("squeue", "--jobs=77", stdout="77|RUNNING|None|n8|1899996400|1900000000|1:00:00|0|debug|pool|\n")
+    fake.on("squeue", "--jobs=77", stdout="77|RUNNING|None|n8|1899996400|1900000000|1:00:00|0|debug|77|pool|\n")
     assert backend.job_end("77") == 1_900_000_000
     [call] = fake.calls("squeue")
     assert call["args"][:2] == ["--jobs=77", "--noheader"] and call["env"]["SLURM_TIME_FORMAT"] == "%s"
     fake.rules.clear()
-    fake.on("squeue", "--jobs=77", stdout="77|RUNNING|None|n8|1899996400|1931536000|UNLIMITED|0|debug|pool|\n")
+    fake.on("squeue", "--jobs=77", stdout="77|RUNNING|None|n8|1899996400|1931536000|UNLIMITED|0|debug|77|pool|\n")
     assert backend.job_end("77") is None
 
 

@@ -11,7 +11,7 @@ import pytest
 from hpcllm.config import SlurmConfig
 from hpcllm.procs import pid_alive
 from hpcllm.slurm import adapter
-from hpcllm.slurm.base import make_job_spec
+from hpcllm.slurm.base import JobState, make_job_spec
 from hpcllm.slurm.cli_backend import CliBackend
 from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
 from hpcllm.slurm.tests.fake_slurm import FakeSlurm
@@ -60,3 +60,27 @@ def test_gpus_of_an_untyped_gres_whose_type_prints_as_null_are_counted():
     assert (idle.gpus_total, idle.gpus_used, idle.gpus_free) == (2, 0, 2)
     [busy] = adapter.nodes_from_scontrol_text(line.format(used="2(IDX:0-1)"))
     assert (busy.gpus_used, busy.gpus_free) == (2, 0)
+
+
+# `squeue -h -a -t all --array -O <SQUEUE_TEXT_FORMAT>` on 22.05 with an array 20 (1-3%1, task 1 running) and a
+# het job 21 queued: JobID is each job's own number, JobArrayID the id users give.
+ARRAY_AND_HET_TEXT = """\
+20|PENDING|JobArrayTaskLimit||N/A|N/A|5:00|0|batch|20_2|arr|
+20|PENDING|JobArrayTaskLimit||N/A|N/A|5:00|0|batch|20_3|arr|
+21|PENDING|None||N/A|N/A|5:00|0|batch|21+0|het|
+22|PENDING|None||N/A|N/A|5:00|0|batch|21+1|het|
+23|RUNNING|None|n1|1796682576|1796682876|5:00|0|batch|20_1|arr|
+"""
+
+
+def test_array_tasks_and_het_components_are_found_by_their_ids_where_squeue_has_no_json(fake, backend):
+    # `hpcllm slurm jobs 20_1 21+1` on a Slurm without squeue --json: the text format's JobID prints 23 and 22.
+    fake.on("squeue", "--json", stderr="squeue: unrecognized option '--json'\n", rc=1)
+    fake.on("squeue", "--Format", stdout=ARRAY_AND_HET_TEXT)
+    fake.on("sacct", "", stderr="Slurm accounting storage is disabled\n", rc=1)
+    statuses = backend.statuses(["20_1", "20_3", "21+1", "23"])
+    assert {job_id: (s.state, s.missing) for job_id, s in statuses.items()} == {
+        "20_1": (JobState.RUNNING, False), "20_3": (JobState.PENDING, False), "21+1": (JobState.PENDING, False),
+        "23": (JobState.RUNNING, False)}
+    assert statuses["20_1"].job_id == "20_1" and statuses["20_1"].nodes == ("n1",)
+    assert statuses["20_3"].reason == "JobArrayTaskLimit"
