@@ -54,9 +54,10 @@ PREFERRED_NODE_BUSY = "preferred node busy"
 # Slurm's pending reasons (squeue's REASON, its first word) of a job held back by what would hold a new job as
 # well: a QOS or association limit (QOSMaxJobsPerUserLimit, AssocGrpGRES), a limit of the job (PartitionTimeLimit),
 # licenses, an invalid account or QOS. Any other reason - waiting for its named node (Resources, Priority,
-# ReqNodeNotAvail, or the description squeue prints instead: "Nodes required for job are DOWN, DRAINED ..."), a
-# hold after a failed launch ("launch failed requeued held"; a new job is not held), BeginTime after a requeue -
-# may start sooner as a new job elsewhere.
+# ReqNodeNotAvail, or the description squeue prints instead: "Nodes required for job are DOWN, DRAINED ..."),
+# BeginTime after a requeue - may start sooner as a new job elsewhere. A held job (JobStatus.held: JobHeldUser,
+# JobHeldAdmin) keeps its place too, whatever its reason (Allocator.is_held): a hold is someone's to release
+# (SBATCH_HOLD, a job_submit plugin would hold a new job as well), and sync() handles one after a failed launch.
 LIMIT_REASON_PREFIXES = ("QOS", "Assoc", "Invalid")
 LIMIT_REASONS = frozenset({"Licenses"})
 # Node states (sinfo) where a new job could start soon.
@@ -149,6 +150,10 @@ class Allocator:
         self._pick_lock = threading.Lock()
         # Why Slurm keeps each queued allocation pending, as the last poll (sync) said (pending_reason).
         self._pending_reasons: dict[str, str] = {}
+        # Allocations whose job the last poll saw held (is_held).
+        self._held_jobs: set[str] = set()
+        # Allocations whose job someone holds in Slurm, told once in the log (sync() sees them every tick).
+        self._held_told: set[str] = set()
 
     # ----------------------------------------------------------------------------------------- questions
 
@@ -401,6 +406,7 @@ class Allocator:
             raise AllocationFailed(f"cannot poll Slurm: {exc}") from None
         self._pending_reasons = {job_id: status.reason for job_id, status in statuses.items()
                                  if status.reason and status.state in (JobState.PENDING, JobState.REQUEUED)}
+        self._held_jobs = {job_id for job_id, status in statuses.items() if status.held}
         for alloc in active:
             status = statuses.get(alloc.job_id)
             new_state = self._apply_status(alloc, status, now)
@@ -412,6 +418,11 @@ class Allocator:
         """Why Slurm keeps a queued allocation of ours pending (squeue's REASON, e.g. Resources,
         QOSMaxJobsPerUserLimit), as of the last poll; None when it is not queued or Slurm gave no reason."""
         return self._pending_reasons.get(job_id)
+
+    def is_held(self, job_id: str) -> bool:
+        """Whether the last poll (sync) saw the allocation's job held in Slurm (JobStatus.held): it starts only when
+        released; sync() logs it with the scontrol release to run."""
+        return job_id in self._held_jobs
 
     def _settle_intents(self) -> dict[str, str]:
         """Adopt the Slurm jobs of intents left by a crash (or a lost sbatch answer); drop intents with no live job.
@@ -451,6 +462,14 @@ class Allocator:
             self.registry.update_allocation(alloc.job_id, state="ended", ended_at=now,
                                             reason=alloc.reason or state_word.lower())
             return "ended"
+        if status.held_after_failed_launch and alloc.state in ("pending", "running"):
+            return self._cancel_held(alloc, status, now)
+        if status.held and alloc.job_id not in self._held_told:
+            # Held by someone (an admin, a job_submit plugin): theirs to release; a replacement would be held too.
+            self._held_told.add(alloc.job_id)
+            log.warning("allocation %s for %s is held by Slurm (%s): it starts only when released (scontrol release "
+                        "%s) or cancelled (scancel %s)", alloc.job_id, alloc.model,
+                        status.reason or status.raw_state, alloc.job_id, alloc.job_id)
         if status.state.is_active:
             started = status.start_time or alloc.started_at or now
             end = status.end_time or (started + alloc.time_limit_seconds if alloc.time_limit_seconds else None)
@@ -475,6 +494,23 @@ class Allocator:
                                             retire_at=None, idle_since=None, nodes=[], reason="requeued")
             return "pending"
         return None
+
+    def _cancel_held(self, alloc, status: JobStatus, now: float) -> str | None:
+        """A job Slurm held after its launch failed starts only when someone releases it: as a pending allocation it
+        would stand for its model's demand forever. Cancelled ("cancelling", Slurm's reason kept), so the demand
+        submits another (Slurm drains a node whose prolog failed: it goes elsewhere); None when the cancel fails
+        (tried again at the next sync)."""
+        if alloc.state == "running":  # requeued held after it ran: its agents are gone
+            self._nodes_left(alloc.job_id)
+        reason = f"held by Slurm ({status.reason or status.raw_state})"
+        try:
+            self.cancel(alloc.job_id, reason, now)
+        except AllocationFailed as exc:
+            log.warning("allocation %s is %s and could not be cancelled: %s", alloc.job_id, reason, exc)
+            return None
+        log.warning("cancelled allocation %s for %s: %s, it would start only when released", alloc.job_id,
+                    alloc.model, reason)
+        return "cancelling"
 
     def _give_back_if_sharing(self, job_id: str, nodes: tuple[str, ...], now: float) -> str | None:
         """An allocation that just started where an agent of ours is registered or another allocation of ours runs

@@ -110,13 +110,16 @@ class Autoscaler:
     def _unstick_pending_allocations(self, now: float, report: TickReport) -> None:
         """An allocation asking for a node by name can queue forever if that node got taken: ask for any node. Not
         when Slurm holds it for a limit (QOS, association, licenses: waits_for_its_nodes): a new job would queue
-        behind the same limit, at the back; it keeps its place, and the admin is told why (log, hpcllm status)."""
+        behind the same limit, at the back; it keeps its place, and the admin is told why (log, hpcllm status).
+        Nor when its job is held (JobHeldUser, JobHeldAdmin): that is someone's to release."""
         active = self.registry.allocations(active_only=True)
         self._held = {job: why for job, why in self._held.items() if any(a.job_id == job for a in active)}
         for alloc in active:
             if alloc.state != "pending" or not alloc.preferred_nodes \
                     or now - alloc.submitted_at < self.settings.preferred_node_wait_seconds:
                 continue
+            if self.allocator.is_held(alloc.job_id):
+                continue  # starts only when released, wherever it queues; the allocator logs how to release it
             reason = self.allocator.pending_reason(alloc.job_id)
             if not waits_for_its_nodes(reason):
                 if self._held.get(alloc.job_id) != reason:

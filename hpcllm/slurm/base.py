@@ -96,6 +96,25 @@ class JobStatus:
     def is_terminal(self) -> bool:
         return self.missing or self.state.is_terminal
 
+    @property
+    def held(self) -> bool:
+        """Queued but held: it starts only when someone releases it (`scontrol release`), never by itself."""
+        return self.state in (JobState.PENDING, JobState.REQUEUED) and (
+            self.raw_state == "REQUEUE_HOLD" or bool(_HELD_REASON.search(self.reason or "")))
+
+    @property
+    def held_after_failed_launch(self) -> bool:
+        """Held by Slurm itself, after its launch failed (a node's prolog, a node dying as the job started), not by
+        anyone who meant to hold it."""
+        return self.held and LAUNCH_FAILED_HELD in (self.reason or "")
+
+
+# Slurm's reason for a job whose launch failed and that it requeued held.
+LAUNCH_FAILED_HELD = "launch failed requeued held"
+# Slurm's reasons for a held job: that one, and `scontrol hold` by an admin or by the job's user (also `scontrol
+# requeuehold`; a site's job_submit plugin may hold new jobs too).
+_HELD_REASON = re.compile(rf"JobHeldAdmin|JobHeldUser|{LAUNCH_FAILED_HELD}")
+
 
 @dataclass(frozen=True)
 class StartEstimate:

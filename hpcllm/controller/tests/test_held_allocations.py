@@ -1,0 +1,52 @@
+"""An allocation whose Slurm job is held: it starts only when someone releases it, so it serves no demand."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from hpcllm.slurm.base import JobState
+
+
+def test_an_allocation_slurm_held_after_its_launch_failed_is_cancelled_and_its_demand_gets_another(harness):
+    # A node's prolog failed (or the node died as the job started): Slurm requeues the job (node-agent jobs are
+    # --requeue) held, reason "launch failed requeued held", and drains the node.
+    harness.deploy("m")
+    first = harness.controller.route("m").job_id
+    harness.backend.jobs[first].reason = "launch failed requeued held"
+    harness.tick(5)
+    assert harness.backend.jobs[first].state is JobState.CANCELLED
+    alloc = harness.registry.get_allocation(first)
+    assert alloc.state in ("cancelling", "ended") and "launch failed requeued held" in alloc.reason
+    harness.tick(5)
+    harness.controller.route("m")  # the model is still wanted
+    report = harness.tick(5)
+    others = [job for job in harness.backend.jobs if job != first]
+    assert len(others) == 1, report.kinds()
+    assert harness.backend.jobs[others[0]].state is JobState.PENDING
+
+
+@pytest.mark.parametrize("reason", ["JobHeldAdmin", "JobHeldUser"])
+def test_an_allocation_someone_holds_is_left_to_them_and_logged_once(harness, caplog, reason):
+    # `scontrol hold` (recorded on the 22.05 dev cluster: PENDING, reason JobHeldUser, priority 0), or a site's
+    # job_submit plugin holding new jobs: a replacement would be held too, so it stays, and the log says why.
+    harness.deploy("m")
+    job = harness.controller.route("m").job_id
+    harness.backend.jobs[job].reason = reason
+    with caplog.at_level(logging.WARNING, logger="hpcllm.controller.allocations"):
+        harness.tick(5)
+        harness.tick(5)
+    assert harness.backend.jobs[job].state is JobState.PENDING
+    assert harness.registry.get_allocation(job).state == "pending"
+    told = [r.getMessage() for r in caplog.records if "held by Slurm" in r.getMessage()]
+    assert len(told) == 1 and reason in told[0] and f"scontrol release {job}" in told[0]
+
+
+def test_a_queued_allocation_waiting_for_resources_is_left_alone(harness):
+    harness.deploy("m")
+    job = harness.controller.route("m").job_id
+    harness.backend.jobs[job].reason = "Resources"
+    harness.tick(5)
+    assert harness.backend.jobs[job].state is JobState.PENDING
+    assert harness.registry.get_allocation(job).state == "pending"
