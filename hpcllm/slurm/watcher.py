@@ -171,11 +171,19 @@ class StatusWatcher:
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    states = ", ".join(f"{j}: {statuses[j].state.value if j in statuses else '?'}" for j in ids)
+                    states = ", ".join(f"{j}: {_state_text(statuses.get(j))}" for j in ids)
                     still = f"; Slurm could not be asked: {unavailable}" if unavailable else ""
                     raise TimeoutError(f"jobs not done after {timeout:.0f} s ({states}){still}")
                 sleep_for = min(sleep_for, remaining)
             time.sleep(sleep_for)
+
+
+def _state_text(status: JobStatus | None) -> str:
+    """A job's state for a message, with Slurm's reason (why a queued job has not started: Resources, JobHeldAdmin,
+    launch failed requeued held, ...)."""
+    if status is None:
+        return "?"
+    return f"{status.state.value} ({status.reason})" if status.reason else status.state.value
 
 
 class Job:

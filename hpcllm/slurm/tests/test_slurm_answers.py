@@ -11,7 +11,7 @@ import pytest
 from hpcllm.config import SlurmConfig
 from hpcllm.procs import pid_alive
 from hpcllm.slurm import adapter
-from hpcllm.slurm.base import JobState, make_job_spec
+from hpcllm.slurm.base import JobState, JobStatus, make_job_spec
 from hpcllm.slurm.cli_backend import CliBackend
 from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
 from hpcllm.slurm.tests.fake_slurm import FakeSlurm
@@ -84,3 +84,20 @@ def test_array_tasks_and_het_components_are_found_by_their_ids_where_squeue_has_
         "23": (JobState.RUNNING, False)}
     assert statuses["20_1"].job_id == "20_1" and statuses["20_1"].nodes == ("n1",)
     assert statuses["20_3"].reason == "JobArrayTaskLimit"
+
+
+def test_a_wait_that_times_out_on_a_held_job_says_why_it_has_not_started():
+    # `hpcllm cache warm --mpi` waits for its job: one Slurm held after a failed launch would never start, and the
+    # timeout said only "PENDING".
+    from hpcllm.slurm.tests.test_watcher import MemoryBackend
+    from hpcllm.slurm.watcher import StatusWatcher
+
+    class HeldBackend(MemoryBackend):
+        def statuses(self, job_ids):
+            return {j: JobStatus(job_id=j, state=JobState.PENDING, raw_state="PENDING",
+                                 reason="launch failed requeued held") for j in job_ids}
+
+    job = StatusWatcher(HeldBackend(), min_interval=0.01, max_interval=0.05).submit(
+        make_job_spec(name="t", script="true"))
+    with pytest.raises(TimeoutError, match=rf"{job.job_id}: PENDING \(launch failed requeued held\)"):
+        job.wait(timeout=0.1)
