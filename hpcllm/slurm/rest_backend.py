@@ -14,6 +14,8 @@ its batch shell (no batch-only choice); the signal on submit has no "B:" prefix.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import getpass
 import json
 import logging
@@ -63,6 +65,34 @@ def _one_jwt(token: str, where: str, fix: str = WHAT_A_JWT_SOURCE_HOLDS) -> str:
     return token
 
 
+def jwt_expiry(token: str) -> float | None:
+    """The "exp" claim of a JWT (epoch seconds), read without checking its signature (slurmctld does that); None
+    for a token without one or that is no JWT (slurmrestd judges it)."""
+    try:
+        claims = token.split(".")[1]
+        exp = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4))).get("exp")
+    except (IndexError, ValueError, AttributeError, binascii.Error):
+        return None
+    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+
+
+def _expired(token: str) -> bool:
+    expiry = jwt_expiry(token)
+    return expiry is not None and time.time() >= expiry
+
+
+def _unexpired(token: str, where: str) -> str:
+    """`token`, unless it is past its "exp": slurmrestd 22.05 answers such a token with HTTP 500 "Unspecified
+    error" (GET /jobs) or "Zero Bytes were transmitted or received" (a submit: it would read as Slurm unreachable),
+    never saying why. A SlurmError naming `where`, never showing the token."""
+    if _expired(token):
+        when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(jwt_expiry(token)))
+        raise SlurmError(f"{where} holds a JWT that expired at {when}, which slurmrestd refuses: put a new one there "
+                         f"(`scontrol token lifespan=SECONDS`; [slurm] rest_token_file is reread every minute), or "
+                         f"set neither so hpcllm gets its own from scontrol token and renews it")
+    return token
+
+
 class RestBackend(SlurmBackend):
     name = "rest"
 
@@ -95,17 +125,18 @@ class RestBackend(SlurmBackend):
 
     def _current_token(self) -> str:
         with self._token_lock:
-            if self._token and time.monotonic() < self._token_expires:
+            if self._token and time.monotonic() < self._token_expires and not _expired(self._token):
                 return self._token
             if self._token_file is not None:
                 try:  # not UTF-8: refused by _one_jwt like any other non-ASCII character
                     token = Path(self._token_file).read_text(errors="replace").strip().removeprefix("SLURM_JWT=")
                 except OSError as exc:
                     raise SlurmError(f"[slurm] rest_token_file {self._token_file}: {exc.strerror}") from None
-                token = _one_jwt(token, f"[slurm] rest_token_file {self._token_file}")
+                token = _unexpired(_one_jwt(token, f"[slurm] rest_token_file {self._token_file}"),
+                                   f"[slurm] rest_token_file {self._token_file}")
                 self._token, self._token_expires = token, time.monotonic() + 60  # reread: it may be rotated
             elif os.environ.get("SLURM_JWT"):
-                token = _one_jwt(os.environ["SLURM_JWT"].strip(), "$SLURM_JWT")
+                token = _unexpired(_one_jwt(os.environ["SLURM_JWT"].strip(), "$SLURM_JWT"), "$SLURM_JWT")
                 self._token, self._token_expires = token, time.monotonic() + 60
             else:
                 self._token = _scontrol_token(_TOKEN_LIFESPAN_S)

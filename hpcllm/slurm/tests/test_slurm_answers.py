@@ -101,3 +101,80 @@ def test_a_wait_that_times_out_on_a_held_job_says_why_it_has_not_started():
         make_job_spec(name="t", script="true"))
     with pytest.raises(TimeoutError, match=rf"{job.job_id}: PENDING \(launch failed requeued held\)"):
         job.wait(timeout=0.1)
+
+
+def _jwt(claims: dict) -> str:
+    """A token shaped like `scontrol token`'s (header.claims.signature, base64url without padding)."""
+    import base64
+    import json
+
+    def part(data: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJl"
+
+
+class ExpiredTokenSlurmrestd:
+    """slurmrestd 22.05 given a JWT past its "exp" (recorded on the dev cluster): GET /jobs answers HTTP 500
+    "Unspecified error" from slurm_load_jobs, POST /job/submit HTTP 500 "Zero Bytes were transmitted or received"."""
+
+    def __init__(self):
+        self.requests = []
+
+    def __call__(self, request):
+        import httpx
+
+        self.requests.append(request)
+        if request.url.path.endswith("/job/submit"):
+            return httpx.Response(500, json={"errors": [{"error_code": 5005,
+                                                         "error": "Zero Bytes were transmitted or received"}]})
+        return httpx.Response(500, json={"errors": [{"description": "Failed while looking for jobs",
+                                                     "error_number": -1, "error": "Unspecified error",
+                                                     "source": "slurm_load_jobs"}], "jobs": []})
+
+
+@pytest.mark.parametrize("source", ["environment", "token file"])
+def test_an_expired_jwt_is_named_as_expired_not_slurm_unreachable(monkeypatch, tmp_path, source):
+    # `scontrol token` makes tokens that last 1800 s by default: a SLURM_JWT set by hand runs out.
+    import time
+
+    import httpx
+
+    from hpcllm.slurm.rest_backend import RestBackend
+
+    token = _jwt({"exp": int(time.time()) - 120, "iat": int(time.time()) - 1920, "sun": "svc"})
+    fields = {}
+    if source == "environment":
+        monkeypatch.setenv("SLURM_JWT", token)
+    else:
+        monkeypatch.delenv("SLURM_JWT", raising=False)
+        (tmp_path / "jwt").write_text(f"SLURM_JWT={token}\n")
+        fields["rest_token_file"] = tmp_path / "jwt"
+    server = ExpiredTokenSlurmrestd()
+    backend = RestBackend(SlurmConfig(backend="rest", rest_user="svc", **fields), transport=httpx.MockTransport(server))
+    for call in (lambda: backend.statuses(["1"]), lambda: backend.submit(make_job_spec(name="t", script="true"))):
+        with pytest.raises(SlurmError) as refused:
+            call()
+        assert not isinstance(refused.value, SlurmUnavailable)  # not "Slurm is not reachable ... scontrol ping"
+        assert "expired" in str(refused.value) and "scontrol token" in str(refused.value)
+        assert token not in str(refused.value)
+    assert server.requests == []  # nothing sent with a token slurmctld refuses
+
+
+def test_a_jwt_that_has_not_expired_is_sent(monkeypatch):
+    import time
+
+    import httpx
+
+    from hpcllm.slurm.rest_backend import RestBackend
+
+    token = _jwt({"exp": int(time.time()) + 1800, "iat": int(time.time()), "sun": "svc"})
+    monkeypatch.setenv("SLURM_JWT", token)
+    seen = []
+
+    def slurmrestd(request):
+        seen.append(request.headers["X-SLURM-USER-TOKEN"])
+        return httpx.Response(200, json={"errors": [], "jobs": []})
+
+    backend = RestBackend(SlurmConfig(backend="rest", rest_user="svc"), transport=httpx.MockTransport(slurmrestd))
+    assert backend.statuses(["1"])["1"].missing
+    assert seen == [token]
