@@ -178,3 +178,20 @@ def test_a_jwt_that_has_not_expired_is_sent(monkeypatch):
     backend = RestBackend(SlurmConfig(backend="rest", rest_user="svc"), transport=httpx.MockTransport(slurmrestd))
     assert backend.statuses(["1"])["1"].missing
     assert seen == [token]
+
+
+def test_a_jwt_slurmctld_refuses_is_named_in_the_unspecified_error_of_slurmrestd(monkeypatch):
+    # slurmrestd 22.05, X-SLURM-USER-TOKEN not one slurmctld signed (recorded on the dev cluster: a token with a
+    # byte changed, or "garbage"): HTTP 500 "Unspecified error" from slurm_load_jobs, as for an expired one.
+    import httpx
+
+    from hpcllm.slurm.rest_backend import RestBackend
+
+    monkeypatch.setenv("SLURM_JWT", "garbage")
+    backend = RestBackend(SlurmConfig(backend="rest", rest_user="svc"),
+                          transport=httpx.MockTransport(ExpiredTokenSlurmrestd()))
+    with pytest.raises(SlurmError) as refused:
+        backend.statuses(["1"])
+    message = str(refused.value)
+    assert "Unspecified error" in message  # Slurm's words stay
+    assert "JWT" in message and "scontrol token" in message and "garbage" not in message
