@@ -252,7 +252,7 @@ class ControllerConfig(Section):
     tensor_parallel_start_cost_seconds: float = Field(10.0, ge=0)
     # Shared-FS read bandwidth (GB/s) assumed for nodes that never registered a measurement.
     default_sharedfs_gbps: float = Field(1.0, gt=0)
-    # Seconds a node list from Slurm (sinfo) is reused.
+    # Seconds a node list from Slurm (sinfo) is reused, and after a failed one, Slurm is not asked again.
     slurm_nodes_ttl_seconds: float = Field(30.0, ge=0)
     # An allocation asking for a node by name (it holds the checkpoint) that is still queued after this long is
     # resubmitted without the node list; that node is then not asked for by name for 5x this long.

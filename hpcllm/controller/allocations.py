@@ -140,6 +140,7 @@ class Allocator:
         self.config_path = config_path
         self.clock = clock
         self._nodes_cache: tuple[float, list[NodeInfo]] | None = None
+        self._nodes_failed_at: float | None = None  # monotonic time of the last failed node list, until one succeeds
         self._estimates = _SlurmEstimates(self.settings.queue_estimate_ttl_seconds,
                                           self.settings.queue_estimate_backoff_seconds)
         # Tags of intents this process is submitting right now: sync() leaves them to submit().
@@ -257,11 +258,16 @@ class Allocator:
         now = time.monotonic()
         if not fresh and self._nodes_cache and now - self._nodes_cache[0] < self.settings.slurm_nodes_ttl_seconds:
             return self._nodes_cache[1]
+        if self._nodes_failed_at is not None and now - self._nodes_failed_at < self.settings.slurm_nodes_ttl_seconds:
+            return None  # failed a moment ago: a hung slurmctld would hold every placement for a command timeout
         try:
             nodes = list(self.backend.nodes())
         except SlurmError as exc:
-            log.warning("cannot list Slurm nodes: %s", exc)
+            self._nodes_failed_at = now
+            log.warning("cannot list Slurm nodes (not asked again for %.0f s): %s",
+                        self.settings.slurm_nodes_ttl_seconds, exc)
             return None
+        self._nodes_failed_at = None
         self._nodes_cache = (now, nodes)
         return nodes
 
