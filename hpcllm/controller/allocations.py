@@ -494,10 +494,13 @@ class Allocator:
                 return self._give_back_if_sharing(alloc.job_id, status.nodes, now) or "running"
             return changes.get("state")
         if status.state in (JobState.PENDING, JobState.REQUEUED) and alloc.state == "running":
-            # Preempted and requeued (same job id): its agents are gone; it will start (and register) again.
+            # Preempted and requeued (same job id): its agents are gone; it will start (and register) again. Or
+            # suspended (PreemptMode=SUSPEND, scontrol suspend): its agents stopped; they register again on resume.
+            suspended = status.raw_state in ("SUSPENDED", "STOPPED")
             self._nodes_left(alloc.job_id)
             self.registry.update_allocation(alloc.job_id, state="pending", started_at=None, walltime_end=None,
-                                            retire_at=None, idle_since=None, nodes=[], reason="requeued")
+                                            retire_at=None, idle_since=None, nodes=[],
+                                            reason=status.raw_state.lower() if suspended else "requeued")
             return "pending"
         return None
 
