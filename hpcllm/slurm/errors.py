@@ -12,6 +12,7 @@ import re
 from typing import TYPE_CHECKING
 
 from hpcllm.errors import HpcllmError
+from hpcllm.slurm.environment import inherited_sbatch_options
 
 if TYPE_CHECKING:
     from hpcllm.slurm.base import JobSpec
@@ -66,6 +67,8 @@ def already_done(exc: SlurmError) -> bool:
     return not isinstance(exc, SlurmUnavailable) and bool(_ALREADY_DONE.search(exc.slurm_message))
 
 
+# Slurm's words for a job asking for a reservation that does not exist (ended, misspelt) or is not the user's.
+_RESERVATION_REFUSED = "Requested reservation is invalid"
 # Slurm's words when the nodes a job may use (its partition's, less --exclude, or just --nodelist) cannot hold it.
 _NODES_CANNOT_HOLD = "Requested node configuration is not available"
 
@@ -99,6 +102,11 @@ def with_setting_hint(exc: SlurmError, spec: JobSpec) -> SlurmError:
     if isinstance(exc, SlurmUnavailable):
         return exc
     said = exc.slurm_message.lower()
+    reservation = inherited_sbatch_options().get("SBATCH_RESERVATION")
+    if reservation and _RESERVATION_REFUSED.lower() in said:  # no [slurm] key: sbatch took it from our environment
+        return SlurmError(f"{exc} -- the job's reservation came from hpcllm's environment, SBATCH_RESERVATION="
+                          f"{reservation}: set it to a reservation the service may use now (`scontrol show "
+                          f"reservation` lists them) or unset it", exc.slurm_message)
     for words, keys, where in _SETTING_REFUSALS:
         if words.lower() in said:
             asked = ", ".join(f"{key} {_asked(spec, key)}" for key in keys)

@@ -195,3 +195,17 @@ def test_a_jwt_slurmctld_refuses_is_named_in_the_unspecified_error_of_slurmrestd
     message = str(refused.value)
     assert "Unspecified error" in message  # Slurm's words stay
     assert "JWT" in message and "scontrol token" in message and "garbage" not in message
+
+
+def test_a_job_refused_over_the_reservation_of_hpcllms_environment_names_that_variable(fake, backend, monkeypatch):
+    # The service's jobs run in a reservation where SBATCH_RESERVATION is set in its environment (sbatch reads it;
+    # no [slurm] key sets it); once that reservation ends, 22.05's sbatch answers (recorded on the dev cluster):
+    stderr = "sbatch: error: Batch job submission failed: Requested reservation is invalid\n"
+    fake.on("sbatch", "", stderr=stderr, rc=1)
+    monkeypatch.setenv("SBATCH_RESERVATION", "gpu-week-12")
+    with pytest.raises(SlurmError) as refused:
+        backend.submit(make_job_spec(name="t", script="true"))
+    message = str(refused.value)
+    assert message.startswith(f"sbatch --parsable failed: {stderr.strip()}")
+    assert "SBATCH_RESERVATION=gpu-week-12" in message and "scontrol show reservation" in message
+    assert refused.value.slurm_message == stderr.strip()
