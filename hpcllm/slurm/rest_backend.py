@@ -23,6 +23,7 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -152,7 +153,9 @@ class RestBackend(SlurmBackend):
     # ---------------------------------------------------------------------------------------------- requests
 
     def _request(self, method: str, path: str, *, json: Any = None, params: dict | None = None,
-                 ) -> dict[str, Any]:
+                 done: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+        """The answer's JSON; SlurmError (SlurmUnavailable) for an error. done: whether an answer with errors
+        beside it still did the work (a submit with its job id): then it is returned, errors and all."""
         url = f"{self.api}{path}"
         try:
             response = self._http.request(method, url, json=json, params=params, headers=self._auth_headers())
@@ -173,6 +176,8 @@ class RestBackend(SlurmBackend):
                              f"Slurm release it was started with (-s openapi/{self.api_version}; Slurm 24.05 and "
                              f"later have none this backend speaks); start it so, or set [slurm] backend = \"cli\"",
                              response.text[:300])
+        if response.status_code < 400 and errors and done is not None and payload is not None and done(payload):
+            return payload
         if response.status_code >= 400 or errors:
             message = "; ".join(errors) or f"HTTP {response.status_code}: {response.text[:300].strip()}"
             if response.status_code in (502, 503, 504) or UNREACHABLE_PATTERNS.search(message):
@@ -193,12 +198,17 @@ class RestBackend(SlurmBackend):
         body = submission_body(spec)
         ensure_log_dirs(spec)  # slurmrestd's jobs usually share this filesystem; Slurm creates no folders
         try:
-            payload = self._request("POST", "/job/submit", json=body)
+            # HTTP 200 with a job id beside errors is a job Slurm queued (22.05: "Requested reservation not usable
+            # now" for a reservation that starts later); a refusal is HTTP 500 without one.
+            payload = self._request("POST", "/job/submit", json=body, done=lambda answer: _submitted_id(answer) > 0)
         except SlurmError as exc:
             raise with_setting_hint(exc, spec) from None
-        job_id = adapter.number(payload.get("job_id"))
-        if not isinstance(job_id, int):  # accepted, so the job likely exists: its answer is lost, not refused
+        job_id = _submitted_id(payload)
+        if job_id <= 0:  # accepted, so the job likely exists: its answer is lost, not refused
             raise SlurmUnavailable(f"slurmrestd accepted the job but returned no job_id: {str(payload)[:300]}")
+        said = adapter.errors_from_json(payload)
+        if said:  # as sbatch's stderr for a job it accepted: the job may differ from what was asked
+            log.warning("slurmrestd accepted job %s (%s) with: %s", job_id, spec.name, "; ".join(said))
         return str(job_id)
 
     def statuses(self, job_ids: list[str] | tuple[str, ...]) -> dict[str, JobStatus]:
@@ -247,6 +257,12 @@ class RestBackend(SlurmBackend):
 
     def partitions(self) -> list[PartitionInfo]:
         return adapter.partitions_from_json(self._request("GET", "/partitions"))
+
+
+def _submitted_id(payload: dict[str, Any]) -> int:
+    """The job id of a submit's answer; 0 for none."""
+    job_id = adapter.number(payload.get("job_id"))
+    return job_id if isinstance(job_id, int) and not isinstance(job_id, bool) else 0
 
 
 def submission_body(spec: JobSpec) -> dict[str, Any]:

@@ -209,3 +209,25 @@ def test_a_job_refused_over_the_reservation_of_hpcllms_environment_names_that_va
     assert message.startswith(f"sbatch --parsable failed: {stderr.strip()}")
     assert "SBATCH_RESERVATION=gpu-week-12" in message and "scontrol show reservation" in message
     assert refused.value.slurm_message == stderr.strip()
+
+
+def test_a_job_slurmrestd_accepted_with_an_error_beside_its_id_is_submitted_not_refused(monkeypatch, caplog):
+    # 22.05's slurmrestd, a job asking for a reservation that starts later (recorded on the dev cluster): HTTP 200,
+    # the job queued (Reason=Reservation), its id beside an error. A refusal is HTTP 500 without a job_id.
+    import logging
+
+    import httpx
+
+    from hpcllm.slurm.rest_backend import RestBackend
+
+    def slurmrestd(request):
+        return httpx.Response(200, json={"errors": [{"error_code": 2056,
+                                                     "error": "Requested reservation not usable now"}],
+                                         "job_id": 86, "step_id": "BATCH", "job_submit_user_msg": ""})
+
+    monkeypatch.setenv("SLURM_JWT", "tok")
+    backend = RestBackend(SlurmConfig(backend="rest", rest_user="svc"), transport=httpx.MockTransport(slurmrestd))
+    with caplog.at_level(logging.WARNING, logger="hpcllm.slurm.rest_backend"):
+        assert backend.submit(make_job_spec(name="t", script="true")) == "86"
+    assert any("Requested reservation not usable now" in r.getMessage() and "86" in r.getMessage()
+               for r in caplog.records)
