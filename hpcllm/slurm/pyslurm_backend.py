@@ -198,6 +198,8 @@ def submit_description_fields(spec: JobSpec) -> dict[str, Any]:
         "standard_error": spec.error,
         "working_directory": spec.chdir,
         "comment": spec.comment,
+        # As sbatch takes SBATCH_RESERVATION (libslurm does not read it): nodes() offers only those reservations'.
+        "reservations": list(service_reservations()) or None,
     }
     if spec.signal:
         name, seconds = spec.signal.split("@")

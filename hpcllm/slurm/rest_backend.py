@@ -32,7 +32,7 @@ import httpx
 from hpcllm.config import HEADER_TOKEN
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import (JobSpec, JobStatus, NodeInfo, PartitionInfo, ReservationInfo, SlurmBackend,
-                               signal_name)
+                               service_reservations, signal_name)
 from hpcllm.slurm.environment import job_environment, run_slurm_command
 from hpcllm.slurm.errors import (UNREACHABLE_PATTERNS, SlurmError, SlurmUnavailable, already_done, unreachable,
                                  with_setting_hint)
@@ -299,6 +299,9 @@ def submission_body(spec: JobSpec) -> dict[str, Any]:
         "standard_error": spec.error,
         "open_mode": "append" if spec.open_mode_append else None,
         "comment": spec.comment,
+        # sbatch reads SBATCH_RESERVATION itself, slurmrestd not from the job's environment: nodes() offers only
+        # the nodes of the service's reservations, so its jobs must ask for them.
+        "reservation": ",".join(service_reservations()) or None,
     }
     job.update({key: value for key, value in optional.items() if value is not None})
     if spec.ntasks is None and spec.ntasks_per_node is not None:

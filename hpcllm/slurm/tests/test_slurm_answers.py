@@ -231,3 +231,19 @@ def test_a_job_slurmrestd_accepted_with_an_error_beside_its_id_is_submitted_not_
         assert backend.submit(make_job_spec(name="t", script="true")) == "86"
     assert any("Requested reservation not usable now" in r.getMessage() and "86" in r.getMessage()
                for r in caplog.records)
+
+
+def test_where_the_service_runs_in_a_reservation_rest_and_pyslurm_jobs_ask_for_it(monkeypatch):
+    # sbatch reads SBATCH_RESERVATION from its environment; slurmrestd and libslurm do not read it from the job's
+    # environment (recorded on the 22.05 dev cluster: a REST job with SBATCH_RESERVATION=hbtest in "environment"
+    # got no reservation, one with "reservation": "hbtest" got it). nodes() offers only the reservation's nodes.
+    from hpcllm.slurm.pyslurm_backend import submit_description_fields
+    from hpcllm.slurm.rest_backend import submission_body
+
+    spec = make_job_spec(name="t", script="true")
+    monkeypatch.delenv("SBATCH_RESERVATION", raising=False)
+    assert "reservation" not in submission_body(spec)["job"]
+    assert "reservations" not in submit_description_fields(spec)
+    monkeypatch.setenv("SBATCH_RESERVATION", "gpu-week,spare")
+    assert submission_body(spec)["job"]["reservation"] == "gpu-week,spare"
+    assert submit_description_fields(spec)["reservations"] == ["gpu-week", "spare"]
