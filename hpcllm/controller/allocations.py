@@ -141,6 +141,7 @@ class Allocator:
         self.clock = clock
         self._nodes_cache: tuple[float, list[NodeInfo]] | None = None
         self._nodes_failed_at: float | None = None  # monotonic time of the last failed node list, until one succeeds
+        self._nodes_lock = threading.Lock()  # one node list (sinfo) asked at a time
         self._estimates = _SlurmEstimates(self.settings.queue_estimate_ttl_seconds,
                                           self.settings.queue_estimate_backoff_seconds)
         # Tags of intents this process is submitting right now: sync() leaves them to submit().
@@ -255,21 +256,29 @@ class Allocator:
     def _slurm_nodes(self, fresh: bool = False) -> list[NodeInfo] | None:
         if self.backend is None:
             return None
-        now = time.monotonic()
-        if not fresh and self._nodes_cache and now - self._nodes_cache[0] < self.settings.slurm_nodes_ttl_seconds:
-            return self._nodes_cache[1]
-        if self._nodes_failed_at is not None and now - self._nodes_failed_at < self.settings.slurm_nodes_ttl_seconds:
-            return None  # failed a moment ago: a hung slurmctld would hold every placement for a command timeout
-        try:
-            nodes = list(self.backend.nodes())
-        except SlurmError as exc:
-            self._nodes_failed_at = now
-            log.warning("cannot list Slurm nodes (not asked again for %.0f s): %s",
-                        self.settings.slurm_nodes_ttl_seconds, exc)
-            return None
-        self._nodes_failed_at = None
-        self._nodes_cache = (now, nodes)
-        return nodes
+        asked = time.monotonic()
+        # One sinfo at a time: a caller that waited for another's gets its answer (a fresh look: one started after
+        # it asked) instead of running sinfo again - against a hung slurmctld, each would wait a command timeout.
+        with self._nodes_lock:
+            now = time.monotonic()
+            cached = self._nodes_cache
+            if cached and now - cached[0] < self.settings.slurm_nodes_ttl_seconds and (not fresh or cached[0] >= asked):
+                return cached[1]
+            failed = self._nodes_failed_at
+            if failed is not None and (now - failed < self.settings.slurm_nodes_ttl_seconds or failed >= asked):
+                return None  # failed a moment ago: a hung slurmctld would hold every placement for a command timeout
+            try:
+                nodes = list(self.backend.nodes())
+            except SlurmError as exc:
+                # When the failed call returned, not when it began: it may have waited command_timeout_seconds
+                # (60 s), longer than the reuse time.
+                self._nodes_failed_at = time.monotonic()
+                log.warning("cannot list Slurm nodes (not asked again for %.0f s): %s",
+                            self.settings.slurm_nodes_ttl_seconds, exc)
+                return None
+            self._nodes_failed_at = None
+            self._nodes_cache = (now, nodes)
+            return nodes
 
     def _partition(self, model: DeployedModel) -> str | None:
         return model.slurm.partition or self.config.slurm.partition
