@@ -60,6 +60,11 @@ PREFERRED_NODE_BUSY = "preferred node busy"
 # (SBATCH_HOLD, a job_submit plugin would hold a new job as well), and sync() handles one after a failed launch.
 LIMIT_REASON_PREFIXES = ("QOS", "Assoc", "Invalid")
 LIMIT_REASONS = frozenset({"Licenses"})
+# A model's allocations whose launch failed (Slurm held them, reason LAUNCH_FAILED_HELD) are cancelled and replaced
+# once in this window; the next one is left held: a launch failure the job causes (its prolog, its environment)
+# would otherwise drain a fresh node with each replacement - what Slurm's hold is there to prevent.
+FAILED_LAUNCH_WINDOW_SECONDS = 3600.0
+FAILED_LAUNCH_REPLACEMENTS = 1
 # Node states (sinfo) where a new job could start soon.
 USABLE_NODE_STATES = {"IDLE", "MIXED"}
 # Every allocation's job carries a comment TAG_PREFIX + uuid4 hex: how it is found after a crash.
@@ -156,6 +161,8 @@ class Allocator:
         self._held_jobs: set[str] = set()
         # Allocations whose job someone holds in Slurm, told once in the log (sync() sees them every tick).
         self._held_told: set[str] = set()
+        # Per model: when an allocation of it whose launch failed was cancelled (replaced), and on which nodes.
+        self._failed_launches: dict[str | None, list[tuple[float, tuple[str, ...]]]] = {}
 
     # ----------------------------------------------------------------------------------------- questions
 
@@ -477,8 +484,18 @@ class Allocator:
             self.registry.update_allocation(alloc.job_id, state="ended", ended_at=now,
                                             reason=alloc.reason or state_word.lower())
             return "ended"
-        if status.held_after_failed_launch and alloc.state in ("pending", "running"):
-            return self._cancel_held(alloc, status, now)
+        if status.held_after_failed_launch and alloc.state in ("pending", "running") \
+                and alloc.job_id not in self._held_told:
+            earlier = self._failed_launches_of(alloc.model, now)
+            if len(earlier) < FAILED_LAUNCH_REPLACEMENTS:
+                return self._cancel_held(alloc, status, now)
+            self._held_told.add(alloc.job_id)
+            nodes = sorted({node for _, nodes in earlier for node in nodes} | set(self._launch_nodes(alloc, status)))
+            log.error("allocation %s for %s is held by Slurm (%s), its launch failed again within %.0f s: left held, "
+                      "not replaced, or each replacement could drain another node (failed on: %s; sinfo -R lists "
+                      "the nodes Slurm drained and why). Fix the cause, then scontrol release %s (or scancel %s)",
+                      alloc.job_id, alloc.model, status.reason or status.raw_state, FAILED_LAUNCH_WINDOW_SECONDS,
+                      ", ".join(nodes) or "nodes not known", alloc.job_id, alloc.job_id)
         if status.held and alloc.job_id not in self._held_told:
             # Held by someone (an admin, a job_submit plugin): theirs to release; a replacement would be held too.
             self._held_told.add(alloc.job_id)
@@ -526,9 +543,24 @@ class Allocator:
         except AllocationFailed as exc:
             log.warning("allocation %s is %s and could not be cancelled: %s", alloc.job_id, reason, exc)
             return None
+        self._failed_launches.setdefault(alloc.model, []).append((now, self._launch_nodes(alloc, status)))
         log.warning("cancelled allocation %s for %s: %s, it would start only when released", alloc.job_id,
                     alloc.model, reason)
         return "cancelling"
+
+    def _failed_launches_of(self, model: str | None, now: float) -> list[tuple[float, tuple[str, ...]]]:
+        """The model's allocations cancelled after a failed launch within FAILED_LAUNCH_WINDOW_SECONDS: (when, on
+        which nodes)."""
+        recent = [(at, nodes) for at, nodes in self._failed_launches.get(model, [])
+                  if now - at < FAILED_LAUNCH_WINDOW_SECONDS]
+        self._failed_launches[model] = recent
+        return recent
+
+    @staticmethod
+    def _launch_nodes(alloc, status: JobStatus) -> tuple[str, ...]:
+        """Where a job whose launch failed was launched, as far as we know: Slurm's nodes for it, the nodes the last
+        poll saw it on, else the nodes it asked for by name."""
+        return tuple(status.nodes or alloc.nodes or alloc.preferred_nodes)
 
     def _give_back_if_sharing(self, job_id: str, nodes: tuple[str, ...], now: float) -> str | None:
         """An allocation that just started where an agent of ours is registered or another allocation of ours runs

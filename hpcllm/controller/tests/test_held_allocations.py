@@ -50,3 +50,29 @@ def test_a_queued_allocation_waiting_for_resources_is_left_alone(harness):
     harness.tick(5)
     assert harness.backend.jobs[job].state is JobState.PENDING
     assert harness.registry.get_allocation(job).state == "pending"
+
+
+def test_a_second_failed_launch_within_the_window_is_left_held_not_replaced(harness, caplog):
+    # A launch failure the job causes (its prolog, its environment) fails on every node: replacing each held job
+    # would drain node after node, what Slurm's hold prevents. One replacement; the next failure stays held.
+    harness.deploy("m")
+    first = harness.controller.route("m").job_id
+    harness.backend.jobs[first].nodes = ("n1",)
+    harness.backend.jobs[first].reason = "launch failed requeued held"
+    harness.tick(5)
+    assert harness.backend.jobs[first].state is JobState.CANCELLED
+    harness.controller.route("m")
+    harness.tick(5)
+    [second] = [job for job in harness.backend.jobs if job != first]
+    harness.backend.jobs[second].nodes = ("n2",)
+    harness.backend.jobs[second].reason = "launch failed requeued held"
+    with caplog.at_level(logging.WARNING, logger="hpcllm.controller"):
+        for _ in range(4):  # well past preferred_node_wait_seconds: step 1 does not replace it either
+            harness.controller.route("m")
+            harness.tick(60)
+    assert harness.backend.jobs[second].state is JobState.PENDING
+    assert harness.registry.get_allocation(second).state == "pending"
+    assert set(harness.backend.jobs) == {first, second}
+    told = [r for r in caplog.records if second in r.getMessage()]
+    assert len(told) == 1 and told[0].levelno == logging.ERROR, [r.getMessage() for r in told]
+    assert "n1, n2" in told[0].getMessage() and f"scontrol release {second}" in told[0].getMessage()
