@@ -429,6 +429,7 @@ class Allocator:
         self._pending_reasons = {job_id: status.reason for job_id, status in statuses.items()
                                  if status.reason and status.state in (JobState.PENDING, JobState.REQUEUED)}
         self._held_jobs = {job_id for job_id, status in statuses.items() if status.held}
+        self._held_told &= self._held_jobs  # released (or gone): told again if held again
         for alloc in active:
             status = statuses.get(alloc.job_id)
             new_state = self._apply_status(alloc, status, now)

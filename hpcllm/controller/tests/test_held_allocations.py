@@ -76,3 +76,17 @@ def test_a_second_failed_launch_within_the_window_is_left_held_not_replaced(harn
     told = [r for r in caplog.records if second in r.getMessage()]
     assert len(told) == 1 and told[0].levelno == logging.ERROR, [r.getMessage() for r in told]
     assert "n1, n2" in told[0].getMessage() and f"scontrol release {second}" in told[0].getMessage()
+
+
+def test_an_allocation_held_again_after_its_release_is_told_again(harness, caplog):
+    harness.deploy("m")
+    job = harness.controller.route("m").job_id
+    with caplog.at_level(logging.WARNING, logger="hpcllm.controller.allocations"):
+        harness.backend.jobs[job].reason = "JobHeldUser"
+        harness.tick(5)
+        harness.backend.jobs[job].reason = "Resources"  # scontrol release
+        harness.tick(5)
+        harness.backend.jobs[job].reason = "JobHeldAdmin"  # scontrol hold again, by an admin this time
+        harness.tick(5)
+    told = [r.getMessage() for r in caplog.records if "held by Slurm" in r.getMessage()]
+    assert len(told) == 2 and "JobHeldAdmin" in told[1], told
