@@ -19,6 +19,7 @@ import binascii
 import getpass
 import json
 import logging
+import math
 import os
 import subprocess
 import threading
@@ -80,7 +81,13 @@ def jwt_expiry(token: str) -> float | None:
         exp = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4))).get("exp")
     except (IndexError, ValueError, AttributeError, binascii.Error):
         return None
-    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+    if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+        return None
+    try:
+        expiry = float(exp)
+    except OverflowError:  # an integer past float's range: no expiry we could reach
+        return None
+    return expiry if math.isfinite(expiry) else None  # NaN, Infinity (json reads them): no usable expiry
 
 
 def _expired(token: str) -> bool:
@@ -93,7 +100,11 @@ def _unexpired(token: str, where: str) -> str:
     error" (GET /jobs) or "Zero Bytes were transmitted or received" (a submit: it would read as Slurm unreachable),
     never saying why. A SlurmError naming `where`, never showing the token."""
     if _expired(token):
-        when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(jwt_expiry(token)))
+        expiry = jwt_expiry(token)
+        try:
+            when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(expiry))
+        except (OverflowError, OSError, ValueError):  # an exp far out of the calendar's range
+            when = f"exp {expiry:.0f} (epoch seconds)"
         raise SlurmError(f"{where} holds a JWT that expired at {when}, which slurmrestd refuses: put a new one there "
                          f"(`scontrol token lifespan=SECONDS`; [slurm] rest_token_file is reread every minute), or "
                          f"set neither so hpcllm gets its own from scontrol token and renews it")

@@ -180,6 +180,40 @@ def test_a_jwt_that_has_not_expired_is_sent(monkeypatch):
     assert seen == [token]
 
 
+@pytest.mark.parametrize("exp, sent", [
+    (10**400, True), ("Infinity", True), ("NaN", True),  # no expiry we could reach: sent, slurmctld judges it
+    (-1e20, False),  # long past, before any date the calendar prints: named as expired
+])
+def test_a_jwt_whose_exp_is_out_of_range_is_judged_not_a_crash(monkeypatch, exp, sent):
+    import base64
+    import json
+
+    import httpx
+
+    from hpcllm.slurm.rest_backend import RestBackend
+
+    def part(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+    # json.dumps cannot write 10**400 as a float, and writes Infinity/NaN bare, as a hand-made token may hold them
+    claims = json.dumps({"sun": "svc"})[:-1] + f', "exp": {exp}}}'
+    token = f"{part(json.dumps({'alg': 'HS256', 'typ': 'JWT'}))}.{part(claims)}.c2lnbmF0dXJl"
+    monkeypatch.setenv("SLURM_JWT", token)
+    seen = []
+
+    def slurmrestd(request):
+        seen.append(request.headers["X-SLURM-USER-TOKEN"])
+        return httpx.Response(200, json={"errors": [], "jobs": []})
+
+    backend = RestBackend(SlurmConfig(backend="rest", rest_user="svc"), transport=httpx.MockTransport(slurmrestd))
+    if sent:
+        assert backend.statuses(["1"])["1"].missing
+        assert seen == [token]
+    else:
+        with pytest.raises(SlurmError, match="expired"):
+            backend.statuses(["1"])
+        assert seen == []
+
+
 def test_a_jwt_slurmctld_refuses_is_named_in_the_unspecified_error_of_slurmrestd(monkeypatch):
     # slurmrestd 22.05, X-SLURM-USER-TOKEN not one slurmctld signed (recorded on the dev cluster: a token with a
     # byte changed, or "garbage"): HTTP 500 "Unspecified error" from slurm_load_jobs, as for an expired one.
