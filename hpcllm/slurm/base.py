@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hpcllm.config import SLURM_MAX_SIGNAL_SECONDS, WALLTIME_PATTERN, Config, signal_name
 from hpcllm.errors import ConfigError
-from hpcllm.slurm.environment import inherited_sbatch_options
+from hpcllm.slurm.environment import service_reservations
 
 # Values that end up on an `#SBATCH` line or in a REST field: no whitespace, no newline, nothing a shell or the
 # directive parser would split.
@@ -197,13 +197,6 @@ class ReservationInfo:
         """Its jobs may also run on nodes in no reservation: FLEX (its own nodes and others), ANY_NODES, or none of
         its own (licences or burst buffers only)."""
         return not self.nodes or bool({"FLEX", "ANY_NODES"} & set(self.flags))
-
-
-def service_reservations() -> tuple[str, ...]:
-    """The Slurm reservations the service's jobs run in: SBATCH_RESERVATION, which sbatch reads (a comma-separated
-    list: the one that starts the job first); () for none."""
-    value = inherited_sbatch_options().get("SBATCH_RESERVATION", "")
-    return tuple(name for name in (part.strip() for part in value.split(",")) if name)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,17 @@ def inherited_sbatch_options() -> dict[str, str]:
     return {key: value for key, value in sorted(clean_environment().items()) if key.startswith("SBATCH_")}
 
 
+# The variable sbatch reads the job's reservation(s) from; no [slurm] key sets one (service_reservations()).
+RESERVATION_VARIABLE = "SBATCH_RESERVATION"
+
+
+def service_reservations() -> tuple[str, ...]:
+    """The Slurm reservations the service's jobs run in: SBATCH_RESERVATION, which sbatch reads (a comma-separated
+    list: the one that starts the job first); () for none."""
+    value = inherited_sbatch_options().get(RESERVATION_VARIABLE, "")
+    return tuple(name for name in (part.strip() for part in value.split(",")) if name)
+
+
 def job_environment(extra: dict[str, str], inherit: tuple[str, ...] | None = None) -> dict[str, str]:
     """Like sbatch's --export=ALL: the submitter's environment (without output-format settings and without another
     job's SLURM_* variables; inherit: only those variables) plus the job's own."""

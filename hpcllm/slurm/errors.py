@@ -12,7 +12,7 @@ import re
 from typing import TYPE_CHECKING
 
 from hpcllm.errors import HpcllmError
-from hpcllm.slurm.environment import inherited_sbatch_options
+from hpcllm.slurm.environment import RESERVATION_VARIABLE, service_reservations
 
 if TYPE_CHECKING:
     from hpcllm.slurm.base import JobSpec
@@ -102,10 +102,10 @@ def with_setting_hint(exc: SlurmError, spec: JobSpec) -> SlurmError:
     if isinstance(exc, SlurmUnavailable):
         return exc
     said = exc.slurm_message.lower()
-    reservation = inherited_sbatch_options().get("SBATCH_RESERVATION")
-    if reservation and _RESERVATION_REFUSED.lower() in said:  # no [slurm] key: sbatch took it from our environment
-        return SlurmError(f"{exc} -- the job's reservation came from hpcllm's environment, SBATCH_RESERVATION="
-                          f"{reservation}: set it to a reservation the service may use now (`scontrol show "
+    reservations = service_reservations()
+    if reservations and _RESERVATION_REFUSED.lower() in said:  # no [slurm] key: sbatch took it from our environment
+        return SlurmError(f"{exc} -- the job's reservation came from hpcllm's environment, {RESERVATION_VARIABLE}="
+                          f"{','.join(reservations)}: set it to a reservation the service may use now (`scontrol show "
                           f"reservation` lists them) or unset it", exc.slurm_message)
     for words, keys, where in _SETTING_REFUSALS:
         if words.lower() in said:
