@@ -83,6 +83,10 @@ def test_24_05_node_structures():
 
 
 def test_real_22_05_squeue_text_fallback_matches_json():
+    # squeue_22.05.txt was recorded on the 22.05 dev cluster with the pinned format of its day, alongside
+    # squeue_22.05.json (same jobs). The JobArrayID column (10th) was added to it by hand later: each job's own id,
+    # as 22.05 prints it for a job in no array (recorded then for other jobs: test_slurm_answers.py's array/het test).
+    # It cannot be recorded again as it was: these jobs and their times are gone.
     text_jobs = adapter.jobs_from_squeue_text(load("squeue_22.05.txt"))
     json_jobs = {s.job_id: s for s in adapter.jobs_from_json(load("squeue_22.05.json")).values()}
     assert set(text_jobs) == set(json_jobs)
