@@ -48,12 +48,13 @@ SUPPORTED_API_VERSIONS = ("v0.0.38",)
 _TOKEN_LIFESPAN_S = 3600
 # slurmrestd's answer (HTTP 404) for a path none of its loaded openapi plugins serves.
 _NO_SUCH_URL = "Unable find requested URL"
-# What slurmrestd 22.05 answers (HTTP 500, error -1) when slurmctld refuses the request's JWT (not one it signed, or
-# another user's), measured on the dev cluster; what to check then.
-_REFUSED_JWT = "Unspecified error"
-_REFUSED_JWT_HINT = (" (slurmrestd answers so when slurmctld refuses the JWT: one it did not sign, or not user "
-                     "{user!r}'s ([slurm] rest_user); check where the token comes from: [slurm] rest_token_file, "
-                     "$SLURM_JWT, else scontrol token)")
+# What slurmrestd 22.05 answers a GET (slurm_load_*: HTTP 500, "Unspecified error", error -1) when slurmctld refuses
+# the request's JWT (not one it signed, or another user's), measured on the dev cluster; what to check then. Error
+# -1 is Slurm's generic one: other failures give it too, so the hint says so.
+_REFUSED_JWT_ERROR = -1
+_REFUSED_JWT_HINT = (" (slurmrestd answers so, among other failures, when slurmctld refuses the JWT: one it did not "
+                     "sign, or not user {user!r}'s ([slurm] rest_user); check where the token comes from: [slurm] "
+                     "rest_token_file, $SLURM_JWT, else scontrol token)")
 # Signal names the v0.0.38 schema accepts in DELETE /job/{id}?signal=.
 _REST_SIGNALS = {"HUP", "INT", "QUIT", "ABRT", "KILL", "ALRM", "TERM", "USR1", "USR2", "URG", "CONT", "STOP", "TSTP",
                  "TTIN", "TTOU"}
@@ -193,7 +194,10 @@ class RestBackend(SlurmBackend):
             message = "; ".join(errors) or f"HTTP {response.status_code}: {response.text[:300].strip()}"
             if response.status_code in (502, 503, 504) or UNREACHABLE_PATTERNS.search(message):
                 raise unreachable(f"slurmrestd {method} {url}", message)
-            hint = _REFUSED_JWT_HINT.format(user=self.user) if _REFUSED_JWT in message else ""
+            jwt_refused = method == "GET" and payload is not None and any(
+                isinstance(error, dict) and error.get("error_number") == _REFUSED_JWT_ERROR
+                for error in payload.get("errors") or ())
+            hint = _REFUSED_JWT_HINT.format(user=self.user) if jwt_refused else ""
             raise SlurmError(f"slurmrestd {method} {url}: {message}{hint}", message)
         if payload is None:
             # A POST or DELETE may have taken effect before its answer was garbled: its answer is lost, as after

@@ -231,6 +231,30 @@ def test_a_jwt_slurmctld_refuses_is_named_in_the_unspecified_error_of_slurmrestd
     assert "JWT" in message and "scontrol token" in message and "garbage" not in message
 
 
+@pytest.mark.parametrize("method", ["POST", "DELETE"])
+def test_an_unspecified_error_of_a_submit_or_cancel_does_not_blame_the_jwt(monkeypatch, method):
+    # Error -1 is Slurm's generic error: a refused submit or cancel answering it says nothing about the token (a
+    # refused JWT fails the GETs too, and those say so).
+    import time
+
+    import httpx
+
+    from hpcllm.slurm.rest_backend import RestBackend
+
+    monkeypatch.setenv("SLURM_JWT", _jwt({"exp": int(time.time()) + 1800, "sun": "svc"}))
+
+    def slurmrestd(request):
+        return httpx.Response(500, json={"errors": [{"error_number": -1, "error": "Unspecified error"}]})
+
+    backend = RestBackend(SlurmConfig(backend="rest", rest_user="svc"), transport=httpx.MockTransport(slurmrestd))
+    with pytest.raises(SlurmError) as refused:
+        if method == "POST":
+            backend.submit(make_job_spec(name="t", script="true"))
+        else:
+            backend.cancel("7")
+    assert "Unspecified error" in str(refused.value) and "JWT" not in str(refused.value)
+
+
 def test_a_job_refused_over_the_reservation_of_hpcllms_environment_names_that_variable(fake, backend, monkeypatch):
     # The service's jobs run in a reservation where SBATCH_RESERVATION is set in its environment (sbatch reads it;
     # no [slurm] key sets it); once that reservation ends, 22.05's sbatch answers (recorded on the dev cluster):
