@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
 # Reason recorded on an allocation cancelled because the node it asked for by name stayed busy.
 PREFERRED_NODE_BUSY = "preferred node busy"
+# Reasons of a running allocation whose job went back to pending (preempted and requeued; suspended or stopped:
+# Slurm's state, lower case): cleared once it runs again.
+REQUEUED = "requeued"
+PAUSED_REASONS = (REQUEUED, "suspended", "stopped")
 # Slurm's pending reasons (squeue's REASON, its first word) of a job held back by what would hold a new job as
 # well: a QOS or association limit (QOSMaxJobsPerUserLimit, AssocGrpGRES), a limit of the job (PartitionTimeLimit),
 # licenses, an invalid account or QOS. Any other reason - waiting for its named node (Resources, Priority,
@@ -509,6 +513,8 @@ class Allocator:
             changes: dict = {}
             if alloc.state == "pending":
                 changes["state"] = "running"
+                if alloc.reason in PAUSED_REASONS:  # resumed, or started again after a requeue: no longer so
+                    changes["reason"] = None
             if alloc.started_at != started:
                 changes["started_at"] = started
             if end is not None and alloc.walltime_end != end and alloc.retire_at is None:
@@ -523,11 +529,11 @@ class Allocator:
         if status.state in (JobState.PENDING, JobState.REQUEUED) and alloc.state == "running":
             # Preempted and requeued (same job id): its agents are gone; it will start (and register) again. Or
             # suspended (PreemptMode=SUSPEND, scontrol suspend): its agents stopped; they register again on resume.
-            suspended = status.raw_state in ("SUSPENDED", "STOPPED")
+            suspended = status.raw_state.lower() in PAUSED_REASONS
             self._nodes_left(alloc.job_id)
             self.registry.update_allocation(alloc.job_id, state="pending", started_at=None, walltime_end=None,
                                             retire_at=None, idle_since=None, nodes=[],
-                                            reason=status.raw_state.lower() if suspended else "requeued")
+                                            reason=status.raw_state.lower() if suspended else REQUEUED)
             return "pending"
         return None
 

@@ -22,3 +22,27 @@ def test_a_suspended_allocation_is_shown_as_suspended_not_requeued(harness, monk
     harness.tick(1)
     alloc = harness.registry.get_allocation(job)
     assert alloc.state == "pending" and alloc.reason == "suspended"
+
+
+def test_a_resumed_allocation_is_no_longer_shown_as_suspended(harness, monkeypatch):
+    harness.deploy("m")
+    job = harness.controller.route("m").job_id
+    harness.backend.start(job, "n1", harness.clock.now)
+    harness.tick()
+    statuses = harness.backend.statuses
+    suspended = [True]
+
+    def as_squeue_says(job_ids):
+        return {j: JobStatus(job_id=j, state=JobState.PENDING, raw_state="SUSPENDED", nodes=("n1",))
+                if j == job and suspended[0] else s for j, s in statuses(job_ids).items()}
+
+    monkeypatch.setattr(harness.backend, "statuses", as_squeue_says)
+    harness.tick(1)
+    assert harness.registry.get_allocation(job).reason == "suspended"
+    suspended[0] = False  # scontrol resume
+    harness.tick(1)
+    alloc = harness.registry.get_allocation(job)
+    assert alloc.state == "running" and alloc.reason is None
+    harness.backend.finish(job)
+    harness.tick(1)
+    assert harness.registry.get_allocation(job).reason == "completed"  # not "suspended" as its end
