@@ -37,7 +37,7 @@ from hpcllm.gateway.upstream import (WorkerBusy, WorkerLost, WorkerStream, Worke
                                      open_generation)
 from hpcllm.gateway.usage import BATCH_ENDPOINT_PREFIX, usage_endpoint
 from hpcllm.httpkit.streaming import ReadWait, wait_for_any
-from hpcllm.worker.client import WorkerError
+from hpcllm.worker.client import KEEPALIVE, WorkerError
 from hpcllm.worker.protocol import (FinalLine, GenerateRequest, MigratedTo, TokenLine, TokenLogprobs,
                                    engine_unavailable, offset_seed)
 
@@ -437,6 +437,11 @@ class Generation:
                     self._raise_if_aborted()
                     yield item
                     continue
+                if item is KEEPALIVE:  # no token yet (queued on a full worker, a long prefill): still wanted?
+                    self._raise_if_aborted()
+                    if self.ctx.client.gone():
+                        raise self.client_left()
+                    continue
                 if isinstance(item, FinalLine):
                     return item
                 assert isinstance(item, TokenLine)
@@ -472,6 +477,11 @@ class Generation:
         finally:
             if uncounted:  # stopped within a piece (aborted, the client left)
                 generation_tokens.inc(uncounted)
+
+    def client_left(self) -> ClientClosedRequest:
+        """The error of a generation whose client closed its connection (it is cancelled as it closes)."""
+        return ClientClosedRequest(f"the client closed the connection after {self.completion_tokens} tokens; "
+                                   f"generation cancelled")
 
     def abort(self, reason: str) -> None:
         """Called from another thread (gateway shutdown): the generation stops at its next token with `reason`."""
@@ -581,8 +591,7 @@ def collect(generation: Generation) -> list[ChoiceResult]:
             choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
         elif connection.gone():
             generation.close()
-            raise ClientClosedRequest(f"the client closed the connection after {generation.completion_tokens} "
-                                      f"tokens; generation cancelled")
+            raise generation.client_left()
     for choice in choices:
         choice.cumulative_logprob = generation.cumulative_logprobs[choice.index]
     return choices

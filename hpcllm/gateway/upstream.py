@@ -17,7 +17,7 @@ import httpx
 from hpcllm.config import InternalHttpConfig
 from hpcllm.gateway.errors import ApiError, InvalidRequest, ServiceUnavailable
 from hpcllm.httpkit.streaming import ReadWait
-from hpcllm.worker.client import GenerationStream, WorkerClient, WorkerError
+from hpcllm.worker.client import GenerationStream, KeepAlive, WorkerClient, WorkerError
 from hpcllm.worker.protocol import EmbedResult, FinalLine, GenerateRequest, TokenLine, engine_unavailable
 
 log = logging.getLogger(__name__)
@@ -42,12 +42,14 @@ def _where(worker_url: str, request_id: str) -> str:
 
 
 class WorkerStream:
-    """One open generation: iterate for TokenLine objects, then exactly one FinalLine."""
+    """One open generation: iterate for TokenLine objects (and KEEPALIVE while the worker holds the request without
+    a token: its client may have left meanwhile), then exactly one FinalLine."""
 
     def __init__(self, worker_url: str, stream: GenerationStream, request_id: str):
         self.worker_url = worker_url
         self.request_id = request_id  # what the worker's own log calls this generation
         self._stream = stream
+        stream.yield_keepalives()
 
     @property
     def where(self) -> str:
@@ -68,7 +70,7 @@ class WorkerStream:
         """Iterating yields a ReadWait instead of blocking for the worker (hpcllm.httpkit.streaming)."""
         self._stream.yield_when_idle()
 
-    def __iter__(self) -> Iterator[TokenLine | FinalLine | ReadWait]:
+    def __iter__(self) -> Iterator[TokenLine | FinalLine | ReadWait | KeepAlive]:
         try:
             for item in self._stream:
                 if isinstance(item, FinalLine):

@@ -92,6 +92,14 @@ def _raise_error_answer(status: int, content: bytes, reason: str) -> None:
     raise WorkerError(status, f"worker answered {status}: {message}", info)
 
 
+class KeepAlive:
+    """Yielded by a GenerationStream that was asked to (yield_keepalives) for a piece of the body with keep-alive
+    lines only: the worker still holds the request (it waits for a slot, a long step runs)."""
+
+
+KEEPALIVE = KeepAlive()
+
+
 class GenerationStream:
     """Iterates a generate response's lines; the final line is also kept in `.final`.
 
@@ -103,16 +111,22 @@ class GenerationStream:
         self._post = post
         self.final: FinalLine | None = None
         self.tokens_buffered = 0
+        self._keepalives = False
 
     def yield_when_idle(self) -> None:
         """Read without blocking from now on: iterating yields a ReadWait when nothing has come (see
         hpcllm.httpkit.streaming); the caller waits for it and iterates on."""
         self._post.yield_when_idle()
 
-    def __iter__(self) -> Iterator[TokenLine | FinalLine | ReadWait]:
+    def yield_keepalives(self) -> None:
+        """Iterating yields KEEPALIVE for the worker's keep-alive lines from now on (a reader can check on its own
+        client while the worker sends nothing else)."""
+        self._keepalives = True
+
+    def __iter__(self) -> Iterator[TokenLine | FinalLine | ReadWait | KeepAlive]:
         try:
             for lines in self._line_batches():
-                if lines.__class__ is ReadWait:
+                if lines.__class__ is ReadWait or lines is KEEPALIVE:
                     yield lines
                     continue
                 tokens = sum(isinstance(line, TokenLine) for line in lines)
@@ -130,9 +144,10 @@ class GenerationStream:
         if self.final is None:
             raise WorkerError(0, "worker stream ended without a final line (worker died?)")
 
-    def _line_batches(self) -> Iterator[list[TokenLine | FinalLine] | ReadWait]:
+    def _line_batches(self) -> Iterator[list[TokenLine | FinalLine] | ReadWait | KeepAlive]:
         """The stream's lines, parsed, as they arrived: the complete lines of one piece of the body together;
-        keep-alives dropped (and the body's ReadWaits passed on)."""
+        keep-alives dropped, or a piece of them alone as KEEPALIVE (yield_keepalives) (and the body's ReadWaits passed
+        on)."""
         partial = b""
         for data in self._post.pieces():
             if data.__class__ is ReadWait:
@@ -142,6 +157,8 @@ class GenerationStream:
             lines = [line for line in map(_parse_line, complete) if line is not None]
             if lines:
                 yield lines
+            elif complete and self._keepalives:
+                yield KEEPALIVE
         last = _parse_line(partial)
         if last is not None:
             yield [last]
