@@ -37,7 +37,7 @@ from hpcllm.gateway.upstream import (WorkerBusy, WorkerLost, WorkerStream, Worke
                                      open_generation)
 from hpcllm.gateway.usage import BATCH_ENDPOINT_PREFIX, usage_endpoint
 from hpcllm.httpkit.streaming import ReadWait, wait_for_any
-from hpcllm.worker.client import KEEPALIVE, WorkerError
+from hpcllm.worker.client import KEEPALIVE_PIECE, WorkerError
 from hpcllm.worker.protocol import (FinalLine, GenerateRequest, MigratedTo, TokenLine, TokenLogprobs,
                                    engine_unavailable, offset_seed)
 
@@ -437,7 +437,7 @@ class Generation:
                     self._raise_if_aborted()
                     yield item
                     continue
-                if item is KEEPALIVE:  # no token yet (queued on a full worker, a long prefill): still wanted?
+                if item is KEEPALIVE_PIECE:  # no token yet (queued on a full worker, a long prefill): still wanted?
                     self._raise_if_aborted()
                     if self.ctx.client.gone():
                         raise self.client_left()

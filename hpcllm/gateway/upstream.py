@@ -42,8 +42,8 @@ def _where(worker_url: str, request_id: str) -> str:
 
 
 class WorkerStream:
-    """One open generation: iterate for TokenLine objects (and KEEPALIVE while the worker holds the request without
-    a token: its client may have left meanwhile), then exactly one FinalLine."""
+    """One open generation: iterate for TokenLine objects (and KEEPALIVE_PIECE while the worker holds the request
+    without a token: its client may have left meanwhile), then exactly one FinalLine."""
 
     def __init__(self, worker_url: str, stream: GenerationStream, request_id: str):
         self.worker_url = worker_url

@@ -97,7 +97,7 @@ class KeepAlive:
     lines only: the worker still holds the request (it waits for a slot, a long step runs)."""
 
 
-KEEPALIVE = KeepAlive()
+KEEPALIVE_PIECE = KeepAlive()
 
 
 class GenerationStream:
@@ -119,14 +119,14 @@ class GenerationStream:
         self._post.yield_when_idle()
 
     def yield_keepalives(self) -> None:
-        """Iterating yields KEEPALIVE for the worker's keep-alive lines from now on (a reader can check on its own
-        client while the worker sends nothing else)."""
+        """Iterating yields KEEPALIVE_PIECE for the worker's keep-alive lines from now on (a reader can check on its
+        own client while the worker sends nothing else)."""
         self._keepalives = True
 
     def __iter__(self) -> Iterator[TokenLine | FinalLine | ReadWait | KeepAlive]:
         try:
             for lines in self._line_batches():
-                if lines.__class__ is ReadWait or lines is KEEPALIVE:
+                if lines.__class__ is ReadWait or lines is KEEPALIVE_PIECE:
                     yield lines
                     continue
                 tokens = sum(isinstance(line, TokenLine) for line in lines)
@@ -146,8 +146,8 @@ class GenerationStream:
 
     def _line_batches(self) -> Iterator[list[TokenLine | FinalLine] | ReadWait | KeepAlive]:
         """The stream's lines, parsed, as they arrived: the complete lines of one piece of the body together;
-        keep-alives dropped, or a piece of them alone as KEEPALIVE (yield_keepalives) (and the body's ReadWaits passed
-        on)."""
+        keep-alives dropped, or a piece of them alone as KEEPALIVE_PIECE (yield_keepalives) (and the body's ReadWaits
+        passed on)."""
         partial = b""
         for data in self._post.pieces():
             if data.__class__ is ReadWait:
@@ -158,7 +158,7 @@ class GenerationStream:
             if lines:
                 yield lines
             elif complete and self._keepalives:
-                yield KEEPALIVE
+                yield KEEPALIVE_PIECE
         last = _parse_line(partial)
         if last is not None:
             yield [last]
