@@ -144,7 +144,7 @@ class BatchStore:
 
     def list(self, owner: str, query: PageQuery) -> tuple[list[BatchRow], bool]:
         rows, more = page(self.shared, "gateway_batches", ["owner = ?", LIVE], [owner, self.files.clock()], query,
-                          lambda after: self.get(owner, after, gone_too=True))
+                          lambda after: self.get(owner, after, gone_too=True), "batch")
         return [_row(row) for row in rows], more
 
     def cancel(self, owner: str, batch_id: str) -> BatchObject | None:

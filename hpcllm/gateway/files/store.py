@@ -212,7 +212,7 @@ class FileStore:
         # The page before may have ended on a file that expired since (or an active batch's input deleted since):
         # its row, kept a day after (PLACE_KEPT_S), still places the next page.
         rows, more = page(self.shared, "gateway_files", where, params, query,
-                          lambda after: self.get(owner, after, expired_too=True))
+                          lambda after: self.get(owner, after, expired_too=True), "file")
         return [_stored(row) for row in rows], more
 
     def delete(self, owner: str, file_id: str) -> bool:
@@ -285,14 +285,17 @@ def _lines(source: IO[bytes]) -> Iterator[bytes]:
 
 
 def page(shared: SharedState, table: str, where: list[str], params: list[Any], query: PageQuery,
-         find: Callable[[str], Any]) -> tuple[list[Any], bool]:
-    """One page of a table's rows (newest first unless the query says otherwise) after the row `query.after` (found by `find`, a
-    400 naming `after` when the owner has no such row), and whether more follow."""
+         find: Callable[[str], Any], noun: str) -> tuple[list[Any], bool]:
+    """One page of a table's rows (newest first unless the query says otherwise) after the row `query.after` (found by
+    `find`, a 400 naming `after` when the owner has no such row: one swept PLACE_KEPT_S ago no longer places a page,
+    its id alone does not say where it stood), and whether more follow."""
     newer_first = query.newest_first
     if query.after is not None:
         anchor = find(query.after)
         if anchor is None:
-            raise InvalidRequest(f"'after': no item with id {query.after[:80]!r}", param="after")
+            raise InvalidRequest(f"'after': you have no {noun} with id {query.after[:80]!r} (a {noun} deleted or "
+                                 f"expired more than {PLACE_KEPT_S / 3600:g} hours ago no longer places a page): "
+                                 f"list again from the start, without 'after'", param="after")
         sign = "<" if newer_first else ">"
         where = [*where, f"(created {sign} ? OR (created = ? AND id {sign} ?))"]
         params = [*params, anchor.created, anchor.created, anchor.id]
