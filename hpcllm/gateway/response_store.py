@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from hpcllm.config import ApiKey, Config
@@ -80,10 +80,14 @@ def _size(text: str) -> int:
 class StoredResponse:
     input: list[dict[str, Any]]  # the conversation's input items, earlier turns' included
     response: dict[str, Any]  # the response object as answered
+    # Where the chain began as a turn of a conversation: that conversation's items before the turn (its context,
+    # not the response's own input: input_items leaves them out).
+    before: list[dict[str, Any]] = field(default_factory=list)
 
     def conversation(self) -> list[dict[str, Any]]:
-        """What a request naming this response as previous_response_id continues: its input, then its output."""
-        return [*self.input, *self.response["output"]]
+        """What a request naming this response as previous_response_id continues: all its context held (the
+        conversation's items before the chain, where it began in one), its input, then its output."""
+        return [*self.before, *self.input, *self.response["output"]]
 
 
 @dataclass(frozen=True)
@@ -373,12 +377,27 @@ class ResponseStore:
             response = self._visible(db, owner, response_id, RESPONSE)
             if response is None:
                 return None
-            rows = db.conn.execute(CHAIN + "SELECT i.holder, i.output, i.item FROM gateway_items i JOIN chain c "
-                                   "ON i.holder = c.id ORDER BY i.seq", (response_id, owner)).fetchall()
+            rows = db.conn.execute(CHAIN + "SELECT i.seq, i.holder, i.output, i.item FROM gateway_items i JOIN "
+                                   "chain c ON i.holder = c.id ORDER BY i.seq", (response_id, owner)).fetchall()
+            before = self._conversation_before(db, owner, response_id, rows[0]["seq"]) if rows else []
         own_output = [row["holder"] == response_id and row["output"] for row in rows]
         response["output"] = [json.loads(row["item"]) for row, out in zip(rows, own_output) if out]
         return StoredResponse(input=[json.loads(row["item"]) for row, out in zip(rows, own_output) if not out],
-                              response=response)
+                              response=response, before=before)
+
+    def _conversation_before(self, db: Database, owner: str, response_id: str, first_seq: int) -> list[dict[str, Any]]:
+        """The items of the conversation the chain's first response was a turn of, before that turn (those it read:
+        its own items are stored, then appended to the conversation, in one transaction under the conversation's
+        lock, so every item before its first has a smaller seq), as the conversation holds them now (none where it
+        is gone); none for a chain not begun in a conversation (a turn not appended to one says conversation null)."""
+        first = db.conn.execute(CHAIN + "SELECT s.body FROM gateway_stored s JOIN chain c ON s.id = c.id WHERE "
+                                "s.previous IS NULL", (response_id, owner)).fetchone()
+        conversation = None if first is None else json.loads(first["body"]).get("conversation")
+        if not conversation or self._visible(db, owner, conversation["id"], CONVERSATION) is None:
+            return []
+        rows = db.conn.execute("SELECT item FROM gateway_items WHERE holder = ? AND seq < ? ORDER BY seq",
+                               (conversation["id"], first_seq)).fetchall()
+        return [json.loads(row["item"]) for row in rows]
 
     def exists(self, owner: str, response_id: str) -> bool:
         """Whether the owner has this response (get's None or not, without reading its conversation)."""
