@@ -117,10 +117,12 @@ ITEMS_PER_QUERY = 1000
 
 class Kept(NamedTuple):
     """What ResponseStore.put kept: the response (`stored`), and its items appended to its conversation (`appended`;
-    False for a response in none)."""
+    False for a response in none); why a response asked to be stored was not (`refused`): larger than the whole
+    bound ("bound"), or its owner's stored bytes at its quota ("quota")."""
 
     stored: bool
     appended: bool
+    refused: Literal["bound", "quota"] | None = None
 
 
 class TooLarge(Exception):
@@ -266,10 +268,12 @@ class ResponseStore:
             size = _size(body) + sum(row[3] for row in rows)
             # Under its quota still: a response is generated before its size is known, so the one whose output
             # crosses the quota is kept (and the owner's next asks are refused before generating).
-            kept = new.store and size <= self.max_bytes
-            if kept and self.max_bytes_per_key:
+            refused = None if not new.store or size <= self.max_bytes else "bound"
+            if new.store and refused is None and self.max_bytes_per_key:
                 self.shared.lock(db, f"responses:{owner}")  # as check_quota's
-                kept = self._owner_bytes(db, owner) < self.max_bytes_per_key
+                if self._owner_bytes(db, owner) >= self.max_bytes_per_key:
+                    refused = "quota"
+            kept = new.store and refused is None
             if kept:
                 db.conn.execute("INSERT INTO gateway_stored (id, owner, kind, seen, used, size, previous, hidden, "
                                 "body) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
@@ -281,7 +285,7 @@ class ResponseStore:
             if conversation is not None:
                 self._append(db, new.conversation, conversation["size"], rows, now)
             self._prune(db, now)
-        return Kept(stored=kept, appended=conversation is not None)
+        return Kept(stored=kept, appended=conversation is not None, refused=refused)
 
     @staticmethod
     def _appended_since(db: Database, conversation: str, read_upto: int) -> bool:

@@ -224,8 +224,9 @@ def keeper(gw: Gateway, owner: str, new: NewResponse, turn: Turn | None = None) 
             end_turn(gw, turn)
 
     def store_it(body: dict[str, Any]) -> None:
+        refused: str | None = "unavailable"
         try:
-            kept, appended = gw.responses.put(owner, replace(new, response=body))
+            kept, appended, refused = gw.responses.put(owner, replace(new, response=body))
         except ServiceUnavailable:  # PostgreSQL away: logged where it failed
             kept = appended = False
         except sqlite3.Error as exc:  # the file's disk full, its lock held past the busy timeout
@@ -234,19 +235,41 @@ def keeper(gw: Gateway, owner: str, new: NewResponse, turn: Turn | None = None) 
         except TooLarge:  # the answer is out already: the transaction rolled back, neither it nor the turn is kept
             log.warning("response %s was not stored nor added to its conversation (the conversation would be larger "
                         "than gateway.responses_max_bytes)", body["id"])
-            body["store"], body["conversation"] = False, None
-            return
+            kept = appended = False
+            refused = "conversation"
         else:
             if new.conversation is not None and not appended:  # put found it gone, or appended to
                 log.warning("response %s was not added to its conversation (another request deleted it, or "
                             "appended to it, while it was generated)", body["id"])
         if not kept and new.store:
-            log.warning("response %s was not stored (database unreachable, over gateway.responses_max_bytes or "
-                        "the key's responses_max_bytes_per_key)", body["id"])
+            log.warning("response %s was not stored (%s)", body["id"], refused)
             body["store"] = False
+            body["store_error"] = not_stored(gw, refused)
         if not appended and new.conversation is not None:
             body["conversation"] = None
     return keep
+
+
+def not_stored(gw: Gateway, refused: str | None) -> dict[str, str]:
+    """The response's `store_error` (hpcllm's own field, beside `store: false`): why a response asked to be stored
+    (store true, OpenAI's default) was answered but not kept once its output was known, and what that means."""
+    limits = gw.config.gateway
+    reasons = {
+        "bound": ("storage_limit_exceeded", f"it is larger than this gateway keeps ({limits.responses_max_bytes} "
+                                            f"bytes, gateway.responses_max_bytes)"),
+        "conversation": ("storage_limit_exceeded", f"its turn would make its conversation larger than this gateway "
+                                                   f"keeps ({limits.responses_max_bytes} bytes, "
+                                                   f"gateway.responses_max_bytes): the conversation is as it was"),
+        "quota": ("storage_quota_exceeded", f"this API key's stored responses and conversations reached its "
+                                            f"{limits.responses_max_bytes_per_key} bytes "
+                                            f"(gateway.responses_max_bytes_per_key) while it was generated: delete "
+                                            f"some (DELETE /v1/responses/{{id}}, /v1/conversations/{{id}})"),
+    }
+    code, why = reasons.get(refused or "", ("storage_unavailable", "the gateway's database could not store it just "
+                                                                   "now"))
+    return {"code": code, "message": f"this response was answered but not stored: {why}. GET /v1/responses/{{id}} "
+                                     f"and previous_response_id cannot find it; to continue, send its output items "
+                                     f"in the next request's input"}
 
 
 def stored_response(gw: Gateway, ctx: RequestContext, response_id: str) -> StoredResponse:

@@ -616,7 +616,7 @@ def test_a_turn_is_appended_to_its_conversation_though_its_response_is_too_large
         turn = NewResponse(input=[*read, _message(f"msg_2_{store_it}")], conversation="conv_1", carried=len(read),
                            read_upto=read_upto, store=store_it,
                            response={"id": "resp_1", "tools": "t" * 1000, "output": []})
-        assert store.put("alice", turn) == Kept(stored=False, appended=True)
+        assert store.put("alice", turn) == Kept(stored=False, appended=True, refused="bound" if store_it else None)
     assert [item["id"] for item in store.conversation_items("alice", "conv_1")] == [
         "msg_1", "msg_2_False", "msg_2_True"]
     assert store.get("alice", "resp_1") is None
