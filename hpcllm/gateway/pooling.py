@@ -8,19 +8,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 from hpcllm.checkpoint.heads import SCORE_TEMPLATE_FILE, classifier_architecture
-from hpcllm.gateway.errors import InternalError, InvalidRequest
+from hpcllm.gateway.errors import ApiError, InternalError, InvalidRequest
 from hpcllm.gateway.routing import Endpoint, ModelCard
-from hpcllm.gateway.runtime import Gateway
+from hpcllm.gateway.runtime import Gateway, gateway_shutdown
 from hpcllm.gateway.serving import RequestContext, on_a_worker, route_request, the_one_model
 from hpcllm.gateway.protocol import InputsRequest
 from hpcllm.gateway.tokenization import PromptEncoder, Truncation
-from hpcllm.gateway.upstream import embed_on_worker
+from hpcllm.gateway.upstream import cancel_on_worker, embed_on_worker
 from hpcllm.worker.protocol import MAX_EMBED_INPUTS, not_pooled_by_vllm
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,30 @@ def check_input_count(count: int, param: str) -> None:
                              f"{count}: split it", param=param)
 
 
+class BatchPoolingCall:
+    """A batch's pooling call in flight on a worker, tracked with the generations so that the process's close
+    (Gateway.stop_batch_generations) and the drain timeout stop it as they stop a generation: the worker is asked
+    to cancel it (its pieces not yet run are skipped) and the request ends with the shutdown's 503, its late
+    answer unwritten."""
+
+    def __init__(self, gw: Gateway, ctx: RequestContext, worker_url: str, secret: str):
+        self.gw, self.ctx, self.worker_url, self.secret = gw, ctx, worker_url, secret
+        self.call_id = f"{ctx.request_id}-pool-{uuid.uuid4().hex[:12]}"  # one per worker call (retries included)
+        self._aborted: str | None = None
+
+    def abort(self, reason: str) -> None:
+        """From the stopping thread: cancel the call on its worker; the request then ends with `reason`."""
+        self._aborted = reason
+        cancel_on_worker(self.gw.http, self.worker_url, self.secret, self.call_id)
+
+    def raise_if_aborted(self) -> None:
+        if self._aborted is not None:
+            raise gateway_shutdown(self._aborted)
+
+    def close(self) -> None:
+        """Nothing to settle from the stopping thread: pool_on_a_worker settles the tokens when the call ends."""
+
+
 def pool_on_a_worker(gw: Gateway, ctx: RequestContext, card: ModelCard, inputs: list[list[int]],
                      classifier: Classifier | None) -> tuple[list[list[float]], int]:
     """The inputs' pooled outputs (embeddings, or with a classifier its head's logits) from one worker call
@@ -225,8 +250,22 @@ def pool_on_a_worker(gw: Gateway, ctx: RequestContext, card: ModelCard, inputs: 
         return route_request(gw, ctx, card.name)
 
     def pool(endpoint: Endpoint):
-        return embed_on_worker(gw.http, endpoint.worker_url, endpoint.key(gw.config.cluster.shared_secret), inputs,
-                               for_request=ctx.request_id)
+        secret = endpoint.key(gw.config.cluster.shared_secret)
+        if not ctx.batch:
+            return embed_on_worker(gw.http, endpoint.worker_url, secret, inputs, for_request=ctx.request_id)
+        call = BatchPoolingCall(gw, ctx, endpoint.worker_url, secret)
+        gw.track(call)
+        try:
+            gw.raise_if_stopping(batch=True)  # stopped before it was tracked: not started
+            result = embed_on_worker(gw.http, endpoint.worker_url, secret, inputs, for_request=ctx.request_id,
+                                     call_id=call.call_id)
+        except ApiError:
+            call.raise_if_aborted()  # cancelled: the shutdown's 503, not the worker's answer to it
+            raise
+        finally:
+            gw.untrack(call)
+        call.raise_if_aborted()  # answered after the stop: not written (the batch's next process runs it again)
+        return result
 
     expected = "embed" if classifier is None else "classify"
     try:

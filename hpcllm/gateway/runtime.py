@@ -83,7 +83,8 @@ class Gateway:
         self._draining = threading.Event()
         self._stopping: str | None = None  # why every request stops now (the drain timeout ran out), once it does
         self._batches_stopping: str | None = None  # why batch requests stop now (the process closes), once they do
-        self._generations: set = set()  # serving.Generation objects between start() and close()
+        self._generations: set = set()  # serving.Generation objects between start() and close(), and a batch's
+        # pooling calls in flight (pooling.BatchPoolingCall)
         self._generations_lock = threading.Lock()
         self._in_flight = 0
         self._idle = threading.Condition()
@@ -159,8 +160,9 @@ class Gateway:
         answered with a shutdown, does not record the request (the process that takes its batch over runs it again).
         A batch request waiting for a route (a generation or a pooling request) ends so when the router's poll in
         flight returns, polls made short now (else it waits on, and fails when close() closes the router); the batch
-        runner hands back the batches of runs still busy then (BatchRunner.close). Returns how many generations were
-        stopped."""
+        runner hands back the batches of runs still busy then (BatchRunner.close). A batch's pooling call in flight is
+        tracked too (pooling.BatchPoolingCall): it is cancelled on its worker. Returns how many generations and
+        pooling calls were stopped."""
         self._batches_stopping = reason
         self.router.start_draining()
         with self._generations_lock:

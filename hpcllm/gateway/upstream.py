@@ -107,13 +107,23 @@ def open_attach(http: httpx.Client, worker_url: str, request_id: str, from_index
 
 
 def embed_on_worker(http: httpx.Client, worker_url: str, secret: str, inputs: list[list[int]], *,
-                    for_request: str) -> EmbedResult:
+                    for_request: str, call_id: str | None = None) -> EmbedResult:
     """The pooled outputs of token id lists from the worker (embeddings, or a classifier's logits: its `pooling`
-    says which; one call; refusals classified like a generation's). for_request: as open_generation's."""
+    says which; one call; refusals classified like a generation's). for_request: as open_generation's; call_id: the
+    worker's id of the call, which cancel_on_worker ends."""
     try:
-        return WorkerClient(worker_url, secret, client=http).embed(inputs)
+        return WorkerClient(worker_url, secret, client=http).embed(inputs, request_id=call_id)
     except WorkerError as exc:
         raise _classify(exc, for_request, f"worker {worker_url}") from None  # the worker has no id for the call
+
+
+def cancel_on_worker(http: httpx.Client, worker_url: str, secret: str, call_id: str) -> None:
+    """End a call on the worker (an embedding call's call_id); one that ended already, or a worker away, is logged:
+    the caller writes nothing of its answer either way."""
+    try:
+        WorkerClient(worker_url, secret, client=http).cancel(call_id)
+    except WorkerError as exc:
+        log.info("could not cancel %s on worker %s (it may have ended): %s", call_id, worker_url, exc)
 
 
 def _classify(exc: WorkerError, for_request: str, where: str) -> ApiError:

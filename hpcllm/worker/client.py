@@ -255,9 +255,10 @@ class WorkerClient:
         """Start a generation; the HTTP status is checked before this returns."""
         return self._stream(GENERATE_PATH, body)
 
-    def embed(self, inputs: list[list[int]]) -> EmbedResult:
-        """Embeddings (last-token hidden state, L2-normalized) of token id lists."""
-        response = self._request("POST", EMBED_PATH, EmbedRequest(inputs=inputs))
+    def embed(self, inputs: list[list[int]], request_id: str | None = None) -> EmbedResult:
+        """Embeddings (last-token hidden state, L2-normalized) of token id lists; with a request_id, cancel(request_id)
+        ends the call on the worker."""
+        response = self._request("POST", EMBED_PATH, EmbedRequest(inputs=inputs, request_id=request_id))
         return EmbedResult.model_validate_json(response.content)
 
     def tokens(self, request_id: str) -> RequestTokens:

@@ -154,6 +154,7 @@ class _EmbedJob:
     pooled: int = 0  # how many of `order` have their output
     error: BaseException | None = None
     abandoned: bool = False  # its caller stopped waiting: the engine skips what is left of it
+    cancelled: bool = False  # its caller cancelled it by its request_id (Engine.cancel): it stops waiting now
 
     def __post_init__(self) -> None:
         self.outputs = [None] * len(self.inputs)
@@ -357,6 +358,7 @@ class Engine(EngineBase):
         self._spec_step = 0  # steps scheduled: when backed-off requests look up proposals (SpeculationRecord.due)
         self._to_free: list[int] = []  # seq ids whose KV the runner may forget at its next step
         self._embed_jobs: deque[_EmbedJob] = deque()  # run by the engine thread between steps
+        self._embed_calls: dict[str, _EmbedJob] = {}  # those whose caller gave an id, to cancel them by (cancel)
         self._adapter_jobs: deque[_AdapterJob] = deque()  # likewise
         self._outbox: list[tuple[queue.SimpleQueue, Event]] = []  # EngineBase._emit: delivered during the next forward
         self._finished_history = finished_history
@@ -397,10 +399,12 @@ class Engine(EngineBase):
                                  "it answers /v1/score, /v1/rerank and /v1/classify, it does not generate", "model")
         return super().submit(request)
 
-    def embed(self, inputs: list[list[int]], timeout: float = 600.0) -> list[list[float]]:
+    def embed(self, inputs: list[list[int]], timeout: float = 600.0,
+              request_id: str | None = None) -> list[list[float]]:
         """The pooled outputs of token id lists (runner.pool_last_tokens): the model's final hidden state at the last
         token, L2-normalized (vLLM's default pooling for decoder models); a classifier's head logits at that token.
-        Runs on the engine thread between steps, a piece of inputs per forward (_run_embed_piece)."""
+        Runs on the engine thread between steps, a piece of inputs per forward (_run_embed_piece). With a
+        request_id, cancel(request_id) ends it (EngineOverloaded) and its pieces not yet run are skipped."""
         if not inputs:  # Python callers reach here without the HTTP API's checks: the engine thread needs an input
             return []
         for i, ids in enumerate(inputs):
@@ -414,11 +418,22 @@ class Engine(EngineBase):
         with self._lock:
             if self._stopping or not self.alive:
                 raise EngineUnavailable(f"engine is not running{': ' + self.error if self.error else ''}")
+            if request_id is not None:
+                if request_id in self._embed_calls or request_id in self._live:
+                    raise DuplicateRequest(f"request {request_id!r} is already running on this worker", "request_id")
+                self._embed_calls[request_id] = job
             self._embed_jobs.append(job)
             self._lock.notify_all()
-        if not job.done.wait(timeout):
-            job.abandoned = True
-            raise EngineOverloaded(f"embedding did not finish within {timeout:g}s")
+        try:
+            if not job.done.wait(timeout):
+                job.abandoned = True
+                raise EngineOverloaded(f"embedding did not finish within {timeout:g}s")
+        finally:
+            if request_id is not None:
+                with self._lock:
+                    self._embed_calls.pop(request_id, None)
+        if job.cancelled:
+            raise EngineOverloaded(f"embedding {request_id!r} was cancelled by its caller")
         if job.error is not None:
             raise EngineUnavailable(f"embedding failed: {job.error}")
         return job.outputs
@@ -513,8 +528,15 @@ class Engine(EngineBase):
                 job.done.set()
 
     def cancel(self, request_id: str, wait: bool = True, timeout: float = 60.0) -> RequestTokens:
-        """Stop a request; with wait, return its token ids once the engine has stopped touching it."""
+        """Stop a request; with wait, return its token ids once the engine has stopped touching it. An embedding
+        call (embed's request_id) ends at once, its pieces not yet run skipped; it has no tokens to resume from."""
         with self._lock:
+            job = self._embed_calls.get(request_id)
+            if job is not None:
+                job.abandoned = job.cancelled = True
+                job.done.set()
+                return RequestTokens(request_id=request_id, state="finished", prompt_token_ids=[],
+                                     output_token_ids=[], seed=0, finish_reason="abort")
             req = self._lookup(request_id)
             if req.state == "waiting":
                 self._finish(req, "abort")

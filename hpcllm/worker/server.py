@@ -313,7 +313,8 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
     def embed():
         body = parse_body(EmbedRequest)
         engine = ready_engine()
-        result = EmbedResult(embeddings=engine.embed(body.inputs), prompt_tokens=sum(len(ids) for ids in body.inputs),
+        result = EmbedResult(embeddings=engine.embed(body.inputs, request_id=body.request_id),
+                             prompt_tokens=sum(len(ids) for ids in body.inputs),
                              pooling="classify" if engine.classifies else "embed")
         return Response(result.model_dump_json(), mimetype="application/json")
 

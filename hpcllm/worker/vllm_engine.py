@@ -279,7 +279,8 @@ class VllmEngine(EngineBase):
                                  f"{VLLM_REPETITION_PENALTY_BOUND:g}", "repetition_penalty")
         return super()._prepare(request)
 
-    def embed(self, inputs: list[list[int]], timeout: float = 600.0) -> list[list[float]]:
+    def embed(self, inputs: list[list[int]], timeout: float = 600.0,
+              request_id: str | None = None) -> list[list[float]]:
         raise InvalidRequest(not_pooled_by_vllm(self.model_name), "model")
 
     def shutdown(self, timeout: float = 30.0) -> None:

@@ -1,0 +1,85 @@
+"""A gateway process closing while a batch's embeddings request is being pooled on a worker cancels that call on the
+worker, as it cancels a batch's generation (Gateway.stop_batch_generations): the worker stops pooling for nobody,
+the request's late answer is not written, and the batch is handed back for another process to run it again."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+
+from flask import Flask, Response, request
+
+from hpcllm.gateway.batches import FINAL
+from hpcllm.httpkit.tests.thread_server import ThreadServer
+from hpcllm.worker.protocol import (CANCEL_PATH, EMBED_PATH, EmbedResult, ErrorInfo, ErrorResponse,
+                                    RequestTokens)
+
+from .conftest import MODEL, GatewayFactory
+from .test_batches_api import jsonl, service_of, wait_until
+
+
+class PoolingWorker:
+    """A worker whose embedding calls pool until they are cancelled (POST cancel with the call's request_id), or
+    for 60 s; what it was asked is kept."""
+
+    def __init__(self) -> None:
+        self.embedded: list[str | None] = []  # each embed call's request_id
+        self.cancelled: list[str] = []
+        self.reached, self.stop = threading.Event(), threading.Event()
+        app = Flask("pooling-worker")
+
+        @app.post(EMBED_PATH)
+        def embed():
+            body = json.loads(request.get_data())
+            self.embedded.append(body.get("request_id"))
+            self.reached.set()
+            if self.stop.wait(60):
+                error = ErrorResponse(error=ErrorInfo(message="embedding cancelled by its caller",
+                                                      type="overloaded_error"))
+                return Response(error.model_dump_json(), status=503, mimetype="application/json")
+            result = EmbedResult(embeddings=[[1.0, 0.0] for _ in body["inputs"]],
+                                 prompt_tokens=sum(len(ids) for ids in body["inputs"]))
+            return Response(result.model_dump_json(), mimetype="application/json")
+
+        @app.post(CANCEL_PATH.replace("{request_id}", "<request_id>"))
+        def cancel(request_id: str):
+            self.cancelled.append(request_id)
+            self.stop.set()
+            tokens = RequestTokens(request_id=request_id, state="finished", prompt_token_ids=[], output_token_ids=[],
+                                   seed=0, finish_reason="abort")
+            return Response(tokens.model_dump_json(), mimetype="application/json")
+
+        self.server = ThreadServer(app)
+
+
+def test_a_closing_gateway_cancels_its_batch_embedding_call_on_the_worker(tmp_path, tiny_model_dir):
+    from hpcllm.gateway.server import QUICK_CLOSE_S
+
+    worker = PoolingWorker()
+    factory = GatewayFactory(tmp_path, worker.server.url, tiny_model_dir)
+    try:
+        gw = factory(batch_concurrency=1, batch_lease_seconds=300)
+        client = gw.client()
+        line = {"custom_id": "e0", "method": "POST", "url": "/v1/embeddings", "body": {"model": MODEL, "input": "hi"}}
+        source = client.files.create(file=("in.jsonl", io.BytesIO(jsonl([line]))), purpose="batch")
+        batch = client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h")
+        assert worker.reached.wait(30)
+        gw.state.close(QUICK_CLOSE_S)  # the call pools for 60 s unless cancelled: it outlasts the close's budget
+
+        assert worker.stop.wait(30), "the worker was not asked to cancel the call: it pools on for nobody"
+        assert worker.cancelled == worker.embedded and worker.embedded[0] is not None
+
+        def released():
+            with service_of(gw).batches.shared.connection() as db:
+                row = db.conn.execute("SELECT status, lease_holder, batch FROM gateway_batches").fetchone()
+            return row["lease_holder"] is None and row
+
+        row = wait_until(released, timeout_s=30)
+        kept = json.loads(row["batch"])
+        assert row["status"] not in FINAL and kept["id"] == batch.id
+        assert (kept["request_counts"]["completed"], kept["request_counts"]["failed"]) == (0, 0)  # nothing written
+    finally:
+        worker.stop.set()
+        factory.stop_all()
+        worker.server.stop()
