@@ -376,31 +376,47 @@ class ResponseStore:
         return None if row is None else json.loads(row["body"])
 
     def get(self, owner: str, response_id: str) -> StoredResponse | None:
-        """The owner's response, None when there is none (unknown, expired, deleted, or another owner's)."""
+        """The owner's response, None when there is none (unknown, expired, deleted, or another owner's): its input
+        items and its output (`before` left empty: GET and input_items show the response's own)."""
+        return self._read(owner, response_id, context=False)
+
+    def continued(self, owner: str, response_id: str) -> StoredResponse | None:
+        """get's response with all its context (`before`): what a request naming it as previous_response_id
+        continues."""
+        return self._read(owner, response_id, context=True)
+
+    def _read(self, owner: str, response_id: str, context: bool) -> StoredResponse | None:
         with self.shared.connection() as db:
             response = self._visible(db, owner, response_id, RESPONSE)
             if response is None:
                 return None
             rows = db.conn.execute(CHAIN + "SELECT i.seq, i.holder, i.output, i.item FROM gateway_items i JOIN "
                                    "chain c ON i.holder = c.id ORDER BY i.seq", (response_id, owner)).fetchall()
-            before = self._conversation_before(db, owner, response_id, rows[0]["seq"]) if rows else []
+            before = self._conversation_before(db, owner, response_id, rows[0]["seq"]) if context and rows else []
         own_output = [row["holder"] == response_id and row["output"] for row in rows]
         response["output"] = [json.loads(row["item"]) for row, out in zip(rows, own_output) if out]
         return StoredResponse(input=[json.loads(row["item"]) for row, out in zip(rows, own_output) if not out],
                               response=response, before=before)
 
-    def _conversation_before(self, db: Database, owner: str, response_id: str, first_seq: int) -> list[dict[str, Any]]:
-        """The items of the conversation the chain's first response was a turn of, before that turn (those it read:
-        its own items are stored, then appended to the conversation, in one transaction under the conversation's
-        lock, so every item before its first has a smaller seq), as the conversation holds them now (none where it
-        is gone); none for a chain not begun in a conversation (a turn not appended to one says conversation null)."""
+    @staticmethod
+    def _origin_conversation(db: Database, owner: str, response_id: str) -> str | None:
+        """The id of the conversation the response's chain began in as a turn (its first response's `conversation`;
+        None for a chain not begun in one: a turn not appended to one says conversation null)."""
         first = db.conn.execute(CHAIN + "SELECT s.body FROM gateway_stored s JOIN chain c ON s.id = c.id WHERE "
                                 "s.previous IS NULL", (response_id, owner)).fetchone()
         conversation = None if first is None else json.loads(first["body"]).get("conversation")
-        if not conversation or self._visible(db, owner, conversation["id"], CONVERSATION) is None:
+        return conversation["id"] if conversation else None
+
+    def _conversation_before(self, db: Database, owner: str, response_id: str, first_seq: int) -> list[dict[str, Any]]:
+        """The items of the conversation the chain began in (_origin_conversation), before that turn (those it read:
+        its own items are stored, then appended to the conversation, in one transaction under the conversation's
+        lock, so every item before its first has a smaller seq), as the conversation holds them now (none where
+        it is gone)."""
+        conversation = self._origin_conversation(db, owner, response_id)
+        if conversation is None or self._visible(db, owner, conversation, CONVERSATION) is None:
             return []
         rows = db.conn.execute("SELECT item FROM gateway_items WHERE holder = ? AND seq < ? ORDER BY seq",
-                               (conversation["id"], first_seq)).fetchall()
+                               (conversation, first_seq)).fetchall()
         return [json.loads(row["item"]) for row in rows]
 
     def exists(self, owner: str, response_id: str) -> bool:

@@ -200,7 +200,7 @@ def continued(gw: Gateway, owner: str, req: ResponsesRequest,
     if turn is not None:  # a turn in req.conversation
         earlier, read_upto = turn.earlier, turn.read_upto
     else:
-        previous = gw.responses.get(owner, req.previous_response_id)
+        previous = gw.responses.continued(owner, req.previous_response_id)
         if previous is None:
             raise InvalidRequest(f"Previous response with id '{req.previous_response_id[:100]}' not found.",
                                  param="previous_response_id", code="previous_response_not_found")

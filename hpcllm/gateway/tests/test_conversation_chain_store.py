@@ -1,0 +1,42 @@
+"""A previous_response_id chain begun as a conversation's turn replays what that turn read (the conversation's items
+before it), however the conversation fares after (ResponseStore with a test clock, on each kind of database): it
+lives as long as the chain that replays it, and a turn that could not be appended to its conversation keeps the
+items it read itself."""
+
+from __future__ import annotations
+
+from hpcllm.gateway.response_store import Kept, NewResponse
+
+from .test_responses_store import _message, store_at  # noqa: F401
+
+MINUTE = 60
+
+
+def _turn(store, number: int) -> NewResponse:
+    """A response turn of conv_1 reading its items as they are now."""
+    read, read_upto = store.read_conversation("alice", "conv_1")
+    return NewResponse(input=[*read, _message(f"msg_in_{number}")], conversation="conv_1", carried=len(read),
+                       read_upto=read_upto, response={"id": f"resp_{number}", "conversation": {"id": "conv_1"},
+                                                      "output": [_message(f"msg_out_{number}", role="assistant")]})
+
+
+def _link(store, number: int, previous: str) -> NewResponse:
+    """A response chained on `previous` (previous_response_id), carrying what it continues."""
+    earlier = store.continued("alice", previous).conversation()
+    return NewResponse(input=[*earlier, _message(f"msg_in_{number}")], previous=previous, carried=len(earlier),
+                       response={"id": f"resp_{number}", "output": [_message(f"msg_out_{number}", role="assistant")]})
+
+
+def _ids(items) -> list[str]:
+    return [item["id"] for item in items]
+
+
+def test_only_a_continuation_reads_the_conversation_before_the_chain(store_at):  # noqa: F811
+    """GET /v1/responses/{id} and its input_items show the response's own items: reading it (get) does not read its
+    conversation's earlier items; continuing it (previous_response_id) does."""
+    make, now = store_at
+    store = make(ttl_s=3600, max_bytes=10 ** 6)
+    store.create_conversation("alice", {"id": "conv_1"}, [_message("m_before")])
+    store.put("alice", _turn(store, 1))
+    assert store.get("alice", "resp_1").before == []
+    assert _ids(store.continued("alice", "resp_1").conversation()) == ["m_before", "msg_in_1", "msg_out_1"]
