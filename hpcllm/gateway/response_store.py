@@ -14,9 +14,9 @@ shared by every gateway host), so every gateway process and host that shares the
 
 A response chained by previous_response_id stores only its new input items and a link: its conversation is rebuilt
 by following the links, so a chain of n turns stores O(n) items (a stored response used to copy its whole
-conversation: n(n+1)/2 items). A response keeps its ancestors alive: storing it sets `used` on the whole chain, and
-rows are deleted by `used` (after the TTL, or oldest first beyond the byte bound), so an ancestor never goes before
-its descendants. A deleted response that others continue is only hidden until they go.
+conversation: n(n+1)/2 items). A response keeps its ancestors alive: storing it sets `used` on the whole chain (and
+on the conversation the chain began in, whose earlier items it replays), and rows are deleted by `used` (after the
+TTL, or oldest first beyond the byte bound), so an ancestor never goes before its descendants. A deleted response that others continue is only hidden until they go.
 
 Everything belongs to the API key that made it (a digest of the key, never the key): any other key is told it does
 not exist. An open gateway (no keys) has one owner. Sizes are the bytes of the stored JSON: each item's, and each
@@ -282,6 +282,10 @@ class ResponseStore:
             if kept and previous is not None:  # the chain lives as long as its newest response
                 db.conn.execute(CHAIN + "UPDATE gateway_stored SET used = ? WHERE id IN (SELECT id FROM chain)",
                                 (previous, owner, now))
+                origin = self._origin_conversation(db, owner, previous)
+                if origin is not None:  # and the conversation it began in, whose earlier items it replays
+                    db.conn.execute("UPDATE gateway_stored SET used = ? WHERE id = ? AND owner = ? AND kind = ?",
+                                    (now, origin, owner, CONVERSATION))
             if conversation is not None:
                 self._append(db, new.conversation, conversation["size"], rows, now)
             self._prune(db, now)
@@ -410,10 +414,13 @@ class ResponseStore:
     def _conversation_before(self, db: Database, owner: str, response_id: str, first_seq: int) -> list[dict[str, Any]]:
         """The items of the conversation the chain began in (_origin_conversation), before that turn (those it read:
         its own items are stored, then appended to the conversation, in one transaction under the conversation's
-        lock, so every item before its first has a smaller seq), as the conversation holds them now (none where
-        it is gone)."""
+        lock, so every item before its first has a smaller seq), as the conversation holds them now: none where it
+        was deleted. Past its own TTL (unseen by its routes) it is kept as long as the chain is (put refreshes its
+        `used` with the chain's), as an ancestor response is: its items are read while its row is there."""
         conversation = self._origin_conversation(db, owner, response_id)
-        if conversation is None or self._visible(db, owner, conversation, CONVERSATION) is None:
+        if conversation is None or db.conn.execute(
+                "SELECT id FROM gateway_stored WHERE id = ? AND owner = ? AND kind = ? AND used >= ?",
+                (conversation, owner, CONVERSATION, self._cutoff())).fetchone() is None:
             return []
         rows = db.conn.execute("SELECT item FROM gateway_items WHERE holder = ? AND seq < ? ORDER BY seq",
                                (conversation, first_seq)).fetchall()
