@@ -241,7 +241,8 @@ class ResponseStore:
         its items to its conversation (TooLarge: the conversation would not fit in the whole bound; nothing is
         kept). A conversation deleted or expired meanwhile, or appended to by another request since the turn read
         it (an item after `read_upto`: the answer did not read it, and appended after it the conversation would say
-        it did): nothing is `appended`, the response is kept on its own (`store`), its `conversation` None. Items
+        it did): nothing is `appended`, the response is kept on its own (`store`; with every item it read: they are
+        kept nowhere else for it), its `conversation` None. Items
         deleted meanwhile are no reason: the turn appended after fewer items is a conversation one could have
         made. Expired rows, and the oldest beyond the bound, are deleted in the same transaction.
         _append's DuplicateItem cannot come from a turn: appended, the conversation holds only items the turn read
@@ -263,7 +264,11 @@ class ResponseStore:
                 kept_body["conversation"] = None
             body = json.dumps(kept_body)
             previous = new.previous if new.previous is not None and self._row(db, new.previous) is not None else None
-            own = new.input if new.previous is not None and previous is None else new.own_input  # previous gone
+            # What it carried is not kept elsewhere (its previous response gone; its conversation gone, or not
+            # appended to): it keeps every item its answer read, else a chain from it would forget them.
+            carried_lost = (new.previous is not None and previous is None) or (new.conversation is not None and
+                                                                               conversation is None)
+            own = new.input if carried_lost else new.own_input
             rows = [*self._item_rows(owner, own, False), *self._item_rows(owner, output, True)]
             size = _size(body) + sum(row[3] for row in rows)
             # Under its quota still: a response is generated before its size is known, so the one whose output

@@ -79,3 +79,21 @@ def test_a_chain_used_past_its_conversations_place_in_the_byte_bound_goes_from_i
     with store.shared.connection() as db:
         order = [row["id"] for row in db.conn.execute("SELECT id FROM gateway_stored ORDER BY used, seen DESC, id")]
     assert order.index("resp_2") < order.index("conv_1")  # the prune's order: resp_2 goes first
+
+
+def test_a_turn_not_appended_to_its_conversation_keeps_what_it_read(store_at):  # noqa: F811
+    """Another request appended to the conversation (or deleted it) while a turn generated: the turn is kept on its
+    own (conversation None), with every conversation item its answer read, so a chain from it replays them."""
+    make, now = store_at
+    store = make(ttl_s=3600, max_bytes=10 ** 6)
+    store.create_conversation("alice", {"id": "conv_1"}, [_message("msg_1"), _message("msg_2")])
+    appended_to = _turn(store, 1)
+    store.add_items("alice", "conv_1", [_message("msg_3")])
+    assert store.put("alice", appended_to) == Kept(stored=True, appended=False)
+    assert _ids(store.continued("alice", "resp_1").conversation()) == ["msg_1", "msg_2", "msg_in_1", "msg_out_1"]
+
+    deleted = _turn(store, 2)
+    store.delete_conversation("alice", "conv_1")
+    assert store.put("alice", deleted) == Kept(stored=True, appended=False)
+    assert _ids(store.continued("alice", "resp_2").conversation()) == [
+        "msg_1", "msg_2", "msg_3", "msg_in_2", "msg_out_2"]
