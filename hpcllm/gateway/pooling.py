@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -224,9 +225,12 @@ class BatchPoolingCall:
         self._aborted: str | None = None
 
     def abort(self, reason: str) -> None:
-        """From the stopping thread: cancel the call on its worker; the request then ends with `reason`."""
+        """From the stopping thread: the request ends with `reason`, and the call is cancelled on its worker from a
+        thread of its own (the stop, near its budget's end, waits on no worker: it has other calls to abort, and its
+        batches to hand back)."""
         self._aborted = reason
-        cancel_on_worker(self.gw.http, self.worker_url, self.secret, self.call_id)
+        threading.Thread(target=cancel_on_worker, name=f"cancel {self.call_id}", daemon=True,
+                         args=(self.gw.config.internal_http, self.worker_url, self.secret, self.call_id)).start()
 
     def raise_if_aborted(self) -> None:
         if self._aborted is not None:

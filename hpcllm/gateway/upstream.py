@@ -117,11 +117,18 @@ def embed_on_worker(http: httpx.Client, worker_url: str, secret: str, inputs: li
         raise _classify(exc, for_request, f"worker {worker_url}") from None  # the worker has no id for the call
 
 
-def cancel_on_worker(http: httpx.Client, worker_url: str, secret: str, call_id: str) -> None:
-    """End a call on the worker (an embedding call's call_id); one that ended already, or a worker away, is logged:
-    the caller writes nothing of its answer either way."""
+# A cancel's connect and read timeouts: sent at a process's close (stop_batch_generations), whose budget has ~2 s left.
+CANCEL_TIMEOUT_S = 1.0
+
+
+def cancel_on_worker(http: InternalHttpConfig | None, worker_url: str, secret: str, call_id: str) -> None:
+    """End a call on the worker (an embedding call's call_id); one that ended already, or a worker away or silent
+    (CANCEL_TIMEOUT_S), is logged: the caller writes nothing of its answer either way. On a client of its own: it is
+    sent from a thread of its own while the process closes, which closes the shared one."""
     try:
-        WorkerClient(worker_url, secret, client=http).cancel(call_id)
+        with WorkerClient(worker_url, secret, connect_timeout=CANCEL_TIMEOUT_S, read_timeout=CANCEL_TIMEOUT_S,
+                          http=http) as client:
+            client.cancel(call_id)
     except WorkerError as exc:
         log.info("could not cancel %s on worker %s (it may have ended): %s", call_id, worker_url, exc)
 

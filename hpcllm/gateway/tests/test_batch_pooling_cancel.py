@@ -21,12 +21,13 @@ from .test_batches_api import jsonl, service_of, wait_until
 
 class PoolingWorker:
     """A worker whose embedding calls pool until they are cancelled (POST cancel with the call's request_id), or
-    for 60 s; what it was asked is kept."""
+    for 60 s; what it was asked is kept. A silent one (answers_cancel False) answers no cancel until `release`."""
 
-    def __init__(self) -> None:
+    def __init__(self, answers_cancel: bool = True) -> None:
         self.embedded: list[str | None] = []  # each embed call's request_id
         self.cancelled: list[str] = []
         self.reached, self.stop = threading.Event(), threading.Event()
+        self.cancel_asked, self.release, self.cancel_answered = threading.Event(), threading.Event(), threading.Event()
         app = Flask("pooling-worker")
 
         @app.post(EMBED_PATH)
@@ -45,6 +46,10 @@ class PoolingWorker:
         @app.post(CANCEL_PATH.replace("{request_id}", "<request_id>"))
         def cancel(request_id: str):
             self.cancelled.append(request_id)
+            self.cancel_asked.set()
+            if not answers_cancel:
+                self.release.wait(60)
+            self.cancel_answered.set()
             self.stop.set()
             tokens = RequestTokens(request_id=request_id, state="finished", prompt_token_ids=[], output_token_ids=[],
                                    seed=0, finish_reason="abort")
@@ -80,6 +85,37 @@ def test_a_closing_gateway_cancels_its_batch_embedding_call_on_the_worker(tmp_pa
         assert row["status"] not in FINAL and kept["id"] == batch.id
         assert (kept["request_counts"]["completed"], kept["request_counts"]["failed"]) == (0, 0)  # nothing written
     finally:
+        worker.stop.set()
+        factory.stop_all()
+        worker.server.stop()
+
+
+def test_a_worker_that_never_answers_the_cancel_does_not_hold_the_close(tmp_path, tiny_model_dir):
+    """The close has about two seconds left when it cancels: a worker silent to the cancel must not hold it (nor the
+    batch's hand-back behind it) for the HTTP client's timeouts."""
+    from hpcllm.gateway.server import QUICK_CLOSE_S
+
+    worker = PoolingWorker(answers_cancel=False)
+    factory = GatewayFactory(tmp_path, worker.server.url, tiny_model_dir)
+    try:
+        gw = factory(batch_concurrency=1, batch_lease_seconds=300)
+        client = gw.client()
+        line = {"custom_id": "e0", "method": "POST", "url": "/v1/embeddings", "body": {"model": MODEL, "input": "hi"}}
+        source = client.files.create(file=("in.jsonl", io.BytesIO(jsonl([line]))), purpose="batch")
+        batch = client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h")
+        assert worker.reached.wait(30)
+        closed = threading.Event()
+        threading.Thread(target=lambda: (gw.state.close(QUICK_CLOSE_S), closed.set()), daemon=True).start()
+
+        assert worker.cancel_asked.wait(30)
+        assert closed.wait(30), "the close waited on the worker's answer to the cancel"
+        assert not worker.cancel_answered.is_set()  # it closed while the cancel was still unanswered
+        with service_of(gw).batches.shared.connection() as db:
+            row = db.conn.execute("SELECT status, lease_holder, batch FROM gateway_batches").fetchone()
+        assert row["lease_holder"] is None and json.loads(row["batch"])["id"] == batch.id  # handed back
+        assert row["status"] not in FINAL
+    finally:
+        worker.release.set()
         worker.stop.set()
         factory.stop_all()
         worker.server.stop()
