@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from hpcllm.httpkit.errors import ServiceError
 
+# The codes of a write refused for the gateway's bounds (stored responses and conversations, files): what it stores
+# in all, and what one API key may.
+STORAGE_LIMIT_EXCEEDED = "storage_limit_exceeded"
+STORAGE_QUOTA_EXCEEDED = "storage_quota_exceeded"
+
 
 class ApiError(ServiceError):
     """An error of the OpenAI-compatible API (keyword-only param, as the gateway's handlers raise them)."""

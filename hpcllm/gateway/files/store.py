@@ -28,7 +28,7 @@ from flask import current_app
 
 from hpcllm.config import Config
 from hpcllm.controller.registry.databases import Database
-from hpcllm.gateway.errors import InvalidRequest
+from hpcllm.gateway.errors import STORAGE_QUOTA_EXCEEDED, InvalidRequest
 from hpcllm.gateway.files.protocol import FileObject, ListQuery, PageQuery
 from hpcllm.gateway.runtime import gateway_state_dir
 from hpcllm.gateway.shared_state import SharedState
@@ -174,7 +174,7 @@ class FileStore:
                               f"hold on this gateway (gateway.files_quota_bytes; {max(0, int(room))} bytes left): "
                               f"delete files you no longer need (DELETE /v1/files/{{id}}; the input of a batch not "
                               f"yet ended counts until the batch ends)",
-                              param="file", code="storage_quota_exceeded")
+                              param="file", code=STORAGE_QUOTA_EXCEEDED)
 
     @staticmethod
     def record(db: Database, owner: str, stored: StoredFile) -> None:

@@ -21,7 +21,8 @@ from flask import Response
 
 from hpcllm.gateway.chat.protocol import ChatChoice, ChatStreamChoice, DeltaToolCall
 from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice, chat_usage, start_chat
-from hpcllm.gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
+from hpcllm.gateway.errors import (STORAGE_LIMIT_EXCEEDED, STORAGE_QUOTA_EXCEEDED, InvalidRequest, NotFound,
+                                   ServiceUnavailable)
 from hpcllm.gateway.protocol import UsageInfo, parse_query
 from hpcllm.gateway.response_store import NewResponse, OverQuota, StoredResponse, TooLarge, owner_of
 from hpcllm.gateway.responses.protocol import (REFERENCE, FunctionCallItem, IncompleteDetails, InputItem,
@@ -135,29 +136,42 @@ def within_bounds(gw: Gateway, owner: str, new: NewResponse) -> None:
         gw.responses.check_room(owner, new)
     except TooLarge as exc:
         if exc.of_response:
-            raise InvalidRequest(f"the input is larger than this gateway keeps of a stored response "
-                                 f"(gateway.responses_max_bytes: {gw.responses.max_bytes} bytes): send 'store': false, "
-                                 f"or a shorter input", param="store", code="storage_limit_exceeded") from None
+            raise InvalidRequest(f"the input is larger than {_kept(gw.responses.max_bytes)} of a stored response: "
+                                 f"send 'store': false, or a shorter input", param="store",
+                                 code=STORAGE_LIMIT_EXCEEDED) from None
         raise too_large("conversation") from None
     except OverQuota as exc:
         raise quota_error(exc, "store" if new.store else "conversation") from None
+
+
+# The words the storage 400s and store_error share.
+KEY_STORED = "this API key's stored responses and conversations"
+DELETE_SOME = "delete some (DELETE /v1/responses/{id}, /v1/conversations/{id})"
+
+
+def _kept(max_bytes: int | None = None) -> str:
+    """The whole bound, as the storage 400s and store_error name it (with its bytes where given)."""
+    return f"this gateway keeps ({'' if max_bytes is None else f'{max_bytes} bytes, '}gateway.responses_max_bytes)"
+
+
+def _key_quota(quota: int) -> str:
+    """A key's quota, as the storage 400s and store_error name it."""
+    return f"its {quota} bytes (gateway.responses_max_bytes_per_key)"
 
 
 def quota_error(exc: OverQuota, param: str) -> InvalidRequest:
     """The 400 naming what was sent (`param`); 'store': false is offered only where it helps (a conversation's
     turn, or its items, are kept whatever `store` says)."""
     ways = "wait for them to expire, or send 'store': false" if param == "store" else "or wait for them to expire"
-    return InvalidRequest(f"this API key's stored responses and conversations would take more than its "
-                          f"{exc.quota} bytes (gateway.responses_max_bytes_per_key; {exc.stored} now): delete some "
-                          f"(DELETE /v1/responses/{{id}}, /v1/conversations/{{id}}), {ways}", param=param,
-                          code="storage_quota_exceeded")
+    return InvalidRequest(f"{KEY_STORED} would take more than {_key_quota(exc.quota)}, {exc.stored} now: "
+                          f"{DELETE_SOME}, {ways}", param=param, code=STORAGE_QUOTA_EXCEEDED)
 
 
 def too_large(param: str) -> InvalidRequest:
     """The 400 for a write (items added, a response's turn) that would make a conversation larger than the whole
     bound."""
-    return InvalidRequest("the conversation would be larger than this gateway keeps (gateway.responses_max_bytes)",
-                          param=param, code="storage_limit_exceeded")
+    return InvalidRequest(f"the conversation would be larger than {_kept()}", param=param,
+                          code=STORAGE_LIMIT_EXCEEDED)
 
 
 def storage_disabled(param: str | None = None) -> InvalidRequest:
@@ -255,15 +269,12 @@ def not_stored(gw: Gateway, refused: str | None) -> dict[str, str]:
     (store true, OpenAI's default) was answered but not kept once its output was known, and what that means."""
     limits = gw.config.gateway
     reasons = {
-        "bound": ("storage_limit_exceeded", f"it is larger than this gateway keeps ({limits.responses_max_bytes} "
-                                            f"bytes, gateway.responses_max_bytes)"),
-        "conversation": ("storage_limit_exceeded", f"its turn would make its conversation larger than this gateway "
-                                                   f"keeps ({limits.responses_max_bytes} bytes, "
-                                                   f"gateway.responses_max_bytes): the conversation is as it was"),
-        "quota": ("storage_quota_exceeded", f"this API key's stored responses and conversations reached its "
-                                            f"{limits.responses_max_bytes_per_key} bytes "
-                                            f"(gateway.responses_max_bytes_per_key) while it was generated: delete "
-                                            f"some (DELETE /v1/responses/{{id}}, /v1/conversations/{{id}})"),
+        "bound": (STORAGE_LIMIT_EXCEEDED, f"it is larger than {_kept(limits.responses_max_bytes)}"),
+        "conversation": (STORAGE_LIMIT_EXCEEDED, f"its turn would make its conversation larger than "
+                                                 f"{_kept(limits.responses_max_bytes)}: the conversation is as it "
+                                                 f"was"),
+        "quota": (STORAGE_QUOTA_EXCEEDED, f"{KEY_STORED} reached {_key_quota(limits.responses_max_bytes_per_key)} "
+                                          f"while it was generated: {DELETE_SOME}"),
     }
     code, why = reasons.get(refused or "", ("storage_unavailable", "the gateway's database could not store it just "
                                                                    "now"))
