@@ -67,3 +67,19 @@ def test_a_response_the_database_refuses_says_it_was_not_stored(make_gateway):
     for response in _answers(gw.client()):
         error = _store_error(response)
         assert response.store is False and error is not None and error["code"] == "storage_unavailable", response
+
+
+
+def test_a_conversation_turn_whose_output_outgrows_the_bound_says_it_was_not_stored(make_gateway):
+    """A turn's output taking its conversation over the whole bound: answered, neither stored nor appended
+    (conversation null, the conversation as it was), and store_error saying the conversation's bound."""
+    gw = make_gateway(responses_max_bytes=700)  # the conversation and the turn's input fit; its output does not
+    client = gw.client()
+    conversation = client.conversations.create(items=[{"role": "user", "content": "x" * 200}])
+    response = client.responses.create(model=MODEL, conversation=conversation.id, input="hi", max_output_tokens=3,
+                                       temperature=0)
+    assert response.store is False and response.conversation is None
+    error = _store_error(response)
+    assert error is not None and error["code"] == "storage_limit_exceeded", response
+    assert "its conversation larger" in error["message"] and "700 bytes" in error["message"], error
+    assert len(client.conversations.items.list(conversation.id).data) == 1  # as it was
