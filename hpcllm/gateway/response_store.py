@@ -16,7 +16,8 @@ A response chained by previous_response_id stores only its new input items and a
 by following the links, so a chain of n turns stores O(n) items (a stored response used to copy its whole
 conversation: n(n+1)/2 items). A response keeps its ancestors alive: storing it sets `used` on the whole chain (and
 on the conversation the chain began in, whose earlier items it replays), and rows are deleted by `used` (after the
-TTL, or oldest first beyond the byte bound), so an ancestor never goes before its descendants. A deleted response that others continue is only hidden until they go.
+TTL, or oldest first beyond the byte bound), so an ancestor never goes before its descendants. A deleted response
+that others continue is only hidden until they go.
 
 Everything belongs to the API key that made it (a digest of the key, never the key): any other key is told it does
 not exist. An open gateway (no keys) has one owner. Sizes are the bytes of the stored JSON: each item's, and each
