@@ -91,6 +91,13 @@ def _id_of(listed: BaseModel | dict[str, Any]) -> str:
     return listed["id"] if isinstance(listed, dict) else listed.id
 
 
+def unplaced_after(after: str, noun: str, why: str) -> InvalidRequest:
+    """The 400 naming `after` of a list (files, batches, a response's or a conversation's items) when it names
+    nothing of the list (`noun`) that places a page (`why`, in parentheses): the pager starts again."""
+    return InvalidRequest(f"'after': you have no {noun} with id {after[:80]!r} ({why}): list again from the start, "
+                          f"without 'after'", param="after")
+
+
 class ListPage(OpenAIResponse, Generic[Listed]):
     """OpenAI's paged list object (files, batches; stored items, as the JSON dicts kept): a page of objects with
     ids, the first's and last's."""

@@ -30,6 +30,7 @@ from hpcllm.config import Config
 from hpcllm.controller.registry.databases import Database
 from hpcllm.gateway.errors import STORAGE_QUOTA_EXCEEDED, InvalidRequest
 from hpcllm.gateway.files.protocol import FileObject, ListQuery, PageQuery
+from hpcllm.gateway.protocol import unplaced_after
 from hpcllm.gateway.runtime import gateway_state_dir
 from hpcllm.gateway.shared_state import SharedState
 from hpcllm.httpkit.errors import RequestTooLarge
@@ -293,9 +294,8 @@ def page(shared: SharedState, table: str, where: list[str], params: list[Any], q
     if query.after is not None:
         anchor = find(query.after)
         if anchor is None:
-            raise InvalidRequest(f"'after': you have no {noun} with id {query.after[:80]!r} (a {noun} deleted or "
-                                 f"expired more than {PLACE_KEPT_S / 3600:g} hours ago no longer places a page): "
-                                 f"list again from the start, without 'after'", param="after")
+            raise unplaced_after(query.after, noun, f"a {noun} deleted or expired more than {PLACE_KEPT_S / 3600:g} "
+                                                    f"hours ago no longer places a page")
         sign = "<" if newer_first else ">"
         where = [*where, f"(created {sign} ? OR (created = ? AND id {sign} ?))"]
         params = [*params, anchor.created, anchor.created, anchor.id]

@@ -20,8 +20,8 @@ from hpcllm.gateway.chat.protocol import (ChatCompletionRequest, ChatMessage, Ch
                                           FunctionDefinition, ReasoningEffort, ToolCallIn, ToolCallOut, ToolDefinition,
                                           function_name, json_object_arguments)
 from hpcllm.gateway.errors import InvalidRequest, InvalidValue
-from hpcllm.gateway.protocol import (ListPage, OpenAIRequest, OpenAIResponse, Priority, UsageInfo, unsupported,
-                                     validation_error)
+from hpcllm.gateway.protocol import (ListPage, OpenAIRequest, OpenAIResponse, Priority, UsageInfo, unplaced_after,
+                                     unsupported, validation_error)
 
 InputRole = Literal["user", "system", "developer", "assistant"]
 # Content part types whose text reaches the prompt (what a user sends, what the model answered before).
@@ -456,8 +456,7 @@ class InputItemsQuery(OpenAIRequest):
         if self.after is not None:
             ids = [item["id"] for item in ordered]
             if self.after not in ids:
-                raise InvalidRequest(f"'after': no item with id {self.after[:80]!r} in this list",
-                                     param="after")
+                raise unplaced_after(self.after, "item in this list", "an item deleted since no longer places a page")
             # After its last occurrence: items stored before repeated ids were refused (duplicate_item) may hold one
             # twice, and resuming after the first would page from there forever.
             start = len(ids) - ids[::-1].index(self.after)

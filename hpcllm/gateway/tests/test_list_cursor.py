@@ -42,3 +42,16 @@ def test_a_batches_cursor_forgotten_by_the_sweep_says_to_list_again(make_gateway
     service.runner.sweep()
     assert_restart_listing(gw.get(f"/v1/batches?after={cursor}&limit=1"), "batch", cursor)
     assert client.batches.list().data == []
+
+
+def test_an_items_cursor_naming_a_deleted_item_says_to_list_again(gateway):
+    """A conversation's items (and a response's input_items) say the same as files and batches: why the cursor
+    places no page, and to list again from the start."""
+    client = gateway.client()
+    conversation = client.conversations.create(items=[{"role": "user", "content": c} for c in "abc"])
+    cursor = client.conversations.items.list(conversation.id, limit=1).data[0].id
+    client.conversations.items.delete(cursor, conversation_id=conversation.id)
+    error = assert_error(gateway.get(f"/v1/conversations/{conversation.id}/items?after={cursor}&limit=1"), 400,
+                         "invalid_request", "after")
+    assert cursor in error["message"] and "deleted" in error["message"], error
+    assert "list again from the start" in error["message"] and "without 'after'" in error["message"], error
