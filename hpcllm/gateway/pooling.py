@@ -221,7 +221,8 @@ class BatchPoolingCall:
 
     def __init__(self, gw: Gateway, ctx: RequestContext, worker_url: str, secret: str):
         self.gw, self.ctx, self.worker_url, self.secret = gw, ctx, worker_url, secret
-        self.call_id = f"{ctx.request_id}-pool-{uuid.uuid4().hex[:12]}"  # one per worker call (retries included)
+        # One per worker call (retries included), within the worker's id pattern (REQUEST_ID_PATTERN: 128 characters).
+        self.call_id = f"{ctx.request_id[:100]}-pool-{uuid.uuid4().hex[:12]}"
         self._aborted: str | None = None
 
     def abort(self, reason: str) -> None:

@@ -309,8 +309,9 @@ class RequestTokens(WireModel):
 
 class EmbedRequest(WireModel):
     inputs: list[list[int]] = Field(min_length=1, max_length=MAX_EMBED_INPUTS)
-    # The caller's id of the call, to cancel it by (CANCEL_PATH) while it runs; none: it cannot be cancelled.
-    request_id: str | None = Field(None, min_length=1, max_length=256)
+    # The caller's id of the call, to cancel it by (CANCEL_PATH, in whose URL it travels: a generation's pattern)
+    # while it runs; none: it cannot be cancelled.
+    request_id: str | None = Field(None, pattern=REQUEST_ID_PATTERN)
 
     @model_validator(mode="after")
     def _not_empty(self) -> "EmbedRequest":

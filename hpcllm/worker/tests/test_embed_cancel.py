@@ -7,8 +7,10 @@ from __future__ import annotations
 import threading
 
 import pytest
+from pydantic import ValidationError
 
 from hpcllm.worker.engine import DuplicateRequest, EngineOverloaded
+from hpcllm.worker.protocol import EmbedRequest
 
 
 def test_an_embedding_call_is_cancelled_by_its_request_id(load_pair, make_engine):
@@ -46,3 +48,12 @@ def test_an_embedding_call_is_cancelled_by_its_request_id(load_pair, make_engine
     engine._embed = embed
     assert len(engine.embed([[8, 9]], request_id="pool-1")) == 1  # the engine goes on; the id is free again
     assert len(pieces) == 1  # the cancelled call's other pieces were skipped
+
+
+@pytest.mark.parametrize("bad", ["a/b", "id with spaces", "x" * 129, ""])
+def test_an_embedding_call_id_that_cannot_be_cancelled_by_url_is_refused(bad):
+    """The id travels in the cancel's URL (CANCEL_PATH): a generation's pattern, checked when the call is made, not
+    a cancel that never finds it."""
+    with pytest.raises(ValidationError, match="request_id"):
+        EmbedRequest(inputs=[[1, 2]], request_id=bad)
+    assert EmbedRequest(inputs=[[1, 2]], request_id="batch_req_0a1b-pool-2c3d:4.e").request_id
