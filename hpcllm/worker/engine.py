@@ -383,7 +383,7 @@ class Engine(EngineBase):
             if self._stopping or not self.alive:
                 raise EngineUnavailable(f"engine is not running{': ' + self.error if self.error else ''}")
             if request.request_id in self._live:
-                raise DuplicateRequest(f"request id {request.request_id!r} is already in progress", "request_id")
+                raise DuplicateRequest.of(request.request_id)
             # Requests that arrive during a step, or that the KV budget keeps out of free slots, wait too.
             self._refuse_when_full(len(self._waiting) + len(self._running))
             self._finished.pop(request.request_id, None)
@@ -420,7 +420,7 @@ class Engine(EngineBase):
                 raise EngineUnavailable(f"engine is not running{': ' + self.error if self.error else ''}")
             if request_id is not None:
                 if request_id in self._embed_calls or request_id in self._live:
-                    raise DuplicateRequest(f"request {request_id!r} is already running on this worker", "request_id")
+                    raise DuplicateRequest.of(request_id)
                 self._embed_calls[request_id] = job
             self._embed_jobs.append(job)
             self._lock.notify_all()

@@ -73,6 +73,11 @@ class DuplicateRequest(EngineError):
     error_type = "invalid_request_error"
     code = "duplicate_request_id"
 
+    @classmethod
+    def of(cls, request_id: str) -> "DuplicateRequest":
+        """The 409 for an id (a generation's, an embedding call's) already in progress on this worker."""
+        return cls(f"request id {request_id!r} is already in progress", "request_id")
+
 
 class UnknownRequest(EngineError):
     http_status = 404

@@ -330,7 +330,7 @@ class VllmEngine(EngineBase):
             raise EngineUnavailable(f"engine is not running{': ' + self.error if self.error else ''}")
         self._bind_lora(req)
         if req.request_id in self._live:
-            raise DuplicateRequest(f"request id {req.request_id!r} is already in progress", "request_id")
+            raise DuplicateRequest.of(req.request_id)
         self._refuse_when_full(len(self._live))
         self._finished.pop(req.request_id, None)
         self._live[req.request_id] = req
