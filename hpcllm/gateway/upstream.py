@@ -110,9 +110,19 @@ def embed_on_worker(http: httpx.Client, worker_url: str, secret: str, inputs: li
                     for_request: str, call_id: str | None = None) -> EmbedResult:
     """The pooled outputs of token id lists from the worker (embeddings, or a classifier's logits: its `pooling`
     says which; one call; refusals classified like a generation's). for_request: as open_generation's; call_id: the
-    worker's id of the call, which cancel_on_worker ends."""
+    worker's id of the call, which cancel_on_worker ends. A worker older than call ids (its request model forbids
+    the field: a 400 naming request_id) is asked again without one, so a rolling upgrade that reaches the gateway
+    first still pools; that call cannot be cancelled."""
+    client = WorkerClient(worker_url, secret, client=http)
     try:
-        return WorkerClient(worker_url, secret, client=http).embed(inputs, request_id=call_id)
+        try:
+            return client.embed(inputs, request_id=call_id)
+        except WorkerError as exc:
+            if call_id is None or exc.status != 400 or exc.info is None or exc.info.param != "request_id":
+                raise
+            log.info("request %s: worker %s takes no embedding call id (an older version): pooled without one",
+                     for_request, worker_url)
+            return client.embed(inputs)
     except WorkerError as exc:
         raise _classify(exc, for_request, f"worker {worker_url}") from None  # the worker has no id for the call
 

@@ -119,3 +119,39 @@ def test_a_worker_that_never_answers_the_cancel_does_not_hold_the_close(tmp_path
         worker.stop.set()
         factory.stop_all()
         worker.server.stop()
+
+
+def test_a_worker_older_than_call_ids_still_pools_a_batchs_embeddings(tmp_path, tiny_model_dir):
+    """A rolling upgrade that reaches the gateway first: the old worker's request model forbids request_id (400
+    naming it); the gateway asks again without one, and the batch's line is answered, not failed."""
+    bodies: list[dict] = []
+    app = Flask("old-worker")
+
+    @app.post(EMBED_PATH)
+    def embed():
+        body = json.loads(request.get_data())
+        bodies.append(body)
+        if "request_id" in body:  # as an old worker's extra='forbid' EmbedRequest answers
+            error = ErrorResponse(error=ErrorInfo(message="request_id: Extra inputs are not permitted",
+                                                  type="invalid_request_error", param="request_id",
+                                                  code="invalid_request"))
+            return Response(error.model_dump_json(), status=400, mimetype="application/json")
+        result = EmbedResult(embeddings=[[1.0, 0.0] for _ in body["inputs"]],
+                             prompt_tokens=sum(len(ids) for ids in body["inputs"]))
+        return Response(result.model_dump_json(), mimetype="application/json")
+
+    server = ThreadServer(app)
+    factory = GatewayFactory(tmp_path, server.url, tiny_model_dir)
+    try:
+        client = factory(batch_concurrency=1).client()
+        line = {"custom_id": "e0", "method": "POST", "url": "/v1/embeddings", "body": {"model": MODEL, "input": "hi"}}
+        source = client.files.create(file=("in.jsonl", io.BytesIO(jsonl([line]))), purpose="batch")
+        batch = client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h")
+        done = wait_until(lambda: (b := client.batches.retrieve(batch.id)).status in FINAL and b, timeout_s=60)
+        assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 1, 0)
+        result = json.loads(client.files.content(done.output_file_id).text)
+        assert result["response"]["body"]["data"][0]["embedding"] == [1.0, 0.0]
+        assert ["request_id" in body for body in bodies] == [True, False]  # asked again without the id
+    finally:
+        factory.stop_all()
+        server.stop()
