@@ -9,6 +9,7 @@ line, where other users of the node could read it with ps.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -59,6 +60,11 @@ def run_worker(
         raise ConfigError(f"model checkpoint {model_path} does not exist; pass the converted checkpoint folder")
     if url_file is not None and not os.access(url_file.parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--url-file {url_file}: its folder {url_file.parent} does not exist or is not writable")
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        # Before torch's import and the listening server: the agent gets the reason in a second, not after a load.
+        from hpcllm.worker.vllm_launch import vllm_missing
+
+        raise vllm_missing("No module named 'vllm'")
     worker = config.worker
     device = device or worker.device
     _check_cuda_graphs(worker, device, engine)

@@ -65,7 +65,7 @@ from hpcllm.worker.requests import (
     preempted_reason,
 )
 from hpcllm.worker.sampling import step_seed
-from hpcllm.worker.vllm_launch import checkpoint_dtype
+from hpcllm.worker.vllm_launch import checkpoint_dtype, vllm_missing
 from hpcllm.worker.vllm_loader import load_error
 
 log = logging.getLogger(__name__)
@@ -89,11 +89,6 @@ def _vllm_seed(seed: int) -> int:
     """A request's seed as vLLM takes it: vLLM reads seed -1 as "no seed" (random), so every seed is hashed into
     [0, 2**63) first (splitmix64; distinct seeds stay distinct but for a 2**-63 chance)."""
     return step_seed(seed, -1)
-
-
-def vllm_missing(exc: ImportError) -> ConfigError:
-    return ConfigError(f"vLLM cannot be imported by {sys.executable} ({exc}); start vLLM workers with the "
-                       "interpreter of `make vllm-venv` (worker.vllm_python)")
 
 
 def reasoning_markers(tokenizer) -> tuple[int, int] | None:

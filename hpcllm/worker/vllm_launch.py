@@ -40,6 +40,11 @@ class VllmInterpreterMissing(ConfigError):
     """worker.vllm_python (or the default .venv-vllm) is not there."""
 
 
+def vllm_missing(reason: ImportError | str) -> ConfigError:
+    return ConfigError(f"vLLM cannot be imported by {sys.executable} ({reason}); start vLLM workers with the "
+                       "interpreter of `make vllm-venv` (worker.vllm_python)")
+
+
 def vllm_python(config: Config) -> str:
     """The interpreter for vLLM workers: worker.vllm_python, else this checkout's .venv-vllm (make vllm-venv)."""
     configured = config.worker.vllm_python

@@ -49,6 +49,16 @@ def test_options_the_mode_would_ignore_are_refused(tmp_path, capsys, options, na
     assert named in err and "Traceback" not in err
 
 
+def test_a_vllm_worker_without_vllm_fails_before_it_listens(tmp_path, capsys):
+    """An interpreter without vLLM (this venv) cannot serve: the worker says so at once, without importing torch
+    or opening its port first, so the node agent reports the reason in a second rather than after a load."""
+    (tmp_path / "ckpt").mkdir()
+    assert main(["worker", "--model", str(tmp_path / "ckpt"), "--engine", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: vLLM cannot be imported by {sys.executable}") and "make vllm-venv" in err
+    assert "listening on" not in err and "Traceback" not in err
+
+
 def test_url_file_in_a_missing_folder_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "ckpt").mkdir()
     assert main(["worker", "--model", str(tmp_path / "ckpt"), "--url-file", str(tmp_path / "no" / "url")]) == 2
