@@ -1223,7 +1223,8 @@ class WorkerManager:
             self._kill(inst)
             self._await_kill(inst)
         inst.wake.set()  # the process is gone: the watcher records the exit and releases the copy now
-        inst.done.wait(timeout=10)
+        if not self._still_running(inst):  # else one outlived its SIGKILL: the watcher ends once it is gone
+            inst.done.wait(timeout=10)
         with self._lock:
             if self._instances.pop(instance_id, None) is not None:  # not already by a stop beside this one
                 inst.removed_in = self._new_version()
