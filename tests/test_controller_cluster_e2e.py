@@ -38,7 +38,8 @@ KEEP_ALIVE_S = 4
 PROMPT = "the cluster"
 
 
-def write_config(base: Path, backend: str, rest, allocate_on_demand: bool = True) -> Path:
+def write_config(base: Path, backend: str, rest, allocate_on_demand: bool = True, spare_workers: int = 1) -> Path:
+    """No background read sweep (probe reads beside the loads; placement weighs the start probes' rates)."""
     rest_lines = ""
     if backend == "rest":
         token = base / "slurm.jwt"
@@ -61,6 +62,8 @@ dram_namespace = "{base.name}-%n"
 probe_bytes = {16 << 20}
 memcpy_probe_bytes = {16 << 20}
 heartbeat_seconds = 1.0
+read_sweep = false
+spare_workers = {spare_workers}
 [controller]
 host = "127.0.0.1"
 database_url = "sqlite:///{base / 'controller.db'}"
@@ -212,8 +215,9 @@ def test_each_model_starts_on_the_one_node_of_three_caching_it(slurm_cluster, ti
     sources = {"tiny-llama": base / "models" / "tiny-llama", "tiny-gpt2": base / "models" / "tiny-gpt2"}
     convert(tiny_llama_dir, sources["tiny-llama"], progress=False)
     convert(tiny_gpt2_dir, sources["tiny-gpt2"], progress=False)
-    # No on-demand allocations: the three agents of one job are the only candidates, and they stay up.
-    config_path = write_config(base, "cli", None, allocate_on_demand=False)
+    # No on-demand allocations: the three agents of one job are the only candidates, and they stay up. No spares:
+    # each would import torch twice (its own and its model process's) beside the others and the two loads.
+    config_path = write_config(base, "cli", None, allocate_on_demand=False, spare_workers=0)
     config = load_config(config_path)
     backend = CliBackend(config.slurm, command_timeout=30)
     job_id, nodes = None, {}
