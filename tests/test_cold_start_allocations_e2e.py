@@ -95,6 +95,8 @@ def test_cold_start_with_a_remembered_cache_and_reused_job_ids_submits_one_alloc
     database_url = f"sqlite:///{base / 'controller.db'}"
     config_path = write_e2e_config(
         base, secret=SECRET, admin=ADMIN, controller_port=port, namespace=base.name,
+        # No background read sweep and no spare worker (torch imported twice) beside the load: not the subject.
+        node={"read_sweep": False, "spare_workers": 0},
         controller={"database_url": database_url, "agent_command": HPCLLM, "allocate_on_demand": True,
                     "node_timeout_seconds": 15, "route_max_wait_seconds": 20, "keep_alive_seconds": 120,
                     "allocation_keep_alive_seconds": 60, "preferred_node_wait_seconds": 600})

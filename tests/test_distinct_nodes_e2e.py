@@ -50,6 +50,8 @@ def test_two_cpu_models_cold_starting_at_once_land_on_two_distinct_nodes(slurm_c
         convert(folder, base / "models" / name, progress=False)
     config_path = write_e2e_config(
         base, secret=SECRET, admin=ADMIN, controller_port=free_port(), namespace=base.name,
+        # No background read sweep and no spare worker (torch imported twice) beside the two loads: not the subject.
+        node={"read_sweep": False, "spare_workers": 0},
         controller={"agent_command": HPCLLM, "allocate_on_demand": True, "cpu_slots_per_node": 1,
                     "node_timeout_seconds": 15, "route_max_wait_seconds": 20, "keep_alive_seconds": 600,
                     "allocation_keep_alive_seconds": 600, "preferred_node_wait_seconds": 600})
