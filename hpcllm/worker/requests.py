@@ -187,6 +187,9 @@ class RequestState:
     token_state: TokenState | None = None
     lora: str | None = None  # the LoRA adapter it runs with (GenerateRequest.lora); None: the base model
     lora_folder: str | None = None  # where that adapter was loaded from (EngineBase._bind_lora, as it is queued)
+    # Which load of that folder's weights (EngineBase._adapter_loads): a folder rewritten and loaded again after an
+    # unload holds other weights under the same name and folder.
+    lora_load: int = 0
     priority: int = 0  # GenerateRequest.priority: lower is sooner (admission, and which request is preempted)
     # (finish_reason, stop_reason) of a resume whose resume_token_ids already end it: answered without generating.
     resumed_end: tuple[str, str | int | None] | None = None
@@ -200,10 +203,11 @@ class RequestState:
     @property
     def cache_salt(self) -> bytes:
         """What its KV blocks' prefix-cache keys start from: an adapter's keys/values are not the base model's, nor
-        another folder's loaded under the same name since (vLLM keys blocks by adapter name and path too)."""
+        another folder's loaded under the same name since (vLLM keys blocks by adapter name and path too), nor the
+        same folder's loaded again after an unload (its files may have been rewritten: a retrained adapter)."""
         if self.lora is None:
             return b""
-        return b"lora\0" + self.lora.encode() + b"\0" + (self.lora_folder or "").encode()
+        return b"lora\0" + self.lora.encode() + b"\0" + (self.lora_folder or "").encode() + b"\0%d" % self.lora_load
 
     @property
     def known_tokens(self) -> int:
@@ -820,12 +824,15 @@ class EngineBase:
         self._check_lora(req.lora)
         if req.lora is not None:
             req.lora_folder = self.lora_adapters[req.lora]
+            req.lora_load = self._adapter_loads.get(req.lora_key, 0)
 
     # ---- LoRA adapters at runtime (vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter) -------------------
 
     def _init_lora(self, adapters: dict[str, str] | None) -> None:
         """The adapters it starts with (each engine's __init__)."""
         self.lora_adapters = dict(adapters or {})
+        # How often each (name, folder)'s weights were loaded at runtime (RequestState.lora_load); 0: not since start.
+        self._adapter_loads: dict[tuple[str, str], int] = {}
         self._lora_lock = threading.Lock()  # one load or unload at a time
 
     def load_lora(self, name: str, folder: str) -> bool:
@@ -859,6 +866,7 @@ class EngineBase:
             self._add_adapter(name, folder, read_adapter_config(name, folder))
             with self._lock:
                 self.lora_adapters = {**self.lora_adapters, name: folder}
+                self._adapter_loads[name, folder] = self._adapter_loads.get((name, folder), 0) + 1
             log.info("LoRA adapter %s loaded from %s", name, folder)
             return True
 
