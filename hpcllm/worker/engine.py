@@ -1050,7 +1050,12 @@ class Engine(EngineBase):
     def _preempt(self, req: _Request, reason: str) -> None:
         """Free req's KV cache and queue it first of its priority: it is re-prefilled from its token ids (vLLM's
         recompute). A held request (a migration's destination) is dropped instead: queued again, it would wait for
-        this full cache while the source's hand-over waits for it, the client's stream paused; the source serves on."""
+        this full cache while the source's hand-over waits for it, the client's stream paused; the source serves on.
+        A request being cancelled (a cancel during the step that ran out of memory) ends instead: queued, it would
+        end only once it reached the queue's head."""
+        if req.cancel_requested:
+            self._finish(req, "abort")
+            return
         if req.held:
             log.info("dropping held request %s: preempted (%s)", req.request_id, reason)
             req.drop_reason = preempted_reason(reason)

@@ -1,10 +1,16 @@
-"""What one request leaves in a shared engine must not change what a later one gets (test_engine_mixes.py has the
-requests that run together): here, KV blocks the prefix cache keeps after their request ended."""
+"""What one request does or leaves in a shared engine must not change what another gets (test_engine_mixes.py has
+the requests that run together): KV blocks the prefix cache keeps after their request ended, a cancel that meets
+a step running out of memory."""
+
+import threading
 
 import pytest
+import torch
 
 from hpcllm.worker.engine import Engine
+from hpcllm.worker.protocol import GenerateRequest
 
+from .conftest import hold_at, wait_until
 from .test_lora import PROMPTS, load, merged_greedy, request, write_adapter
 
 
@@ -28,3 +34,44 @@ def test_an_adapter_rewritten_in_its_folder_and_loaded_again_shares_no_cached_pr
         expected = merged_greedy(model_dirs, new, prompt)
         assert expected != merged_greedy(model_dirs, old, prompt)  # the test means something
         assert engine.generate(request(prompt_token_ids=prompt, lora="x")).token_ids == expected
+
+
+def test_a_request_cancelled_during_a_step_that_runs_out_of_memory_ends_at_once(load_pair, make_engine):
+    """A client leaves while a batched step runs, and that step runs out of memory: the engine preempts the newest
+    request, here the cancelled one. Queued again behind a higher-priority request that waits for KV blocks, it
+    must still end now (abort), not once the requests before it let that one in."""
+    model, tokenizer = load_pair("llama")
+    # 16 blocks of 4 tokens: "long" holds 11-15 of them, so "urgent" (6 blocks) waits for it.
+    engine = make_engine(model, tokenizer, max_model_len=64, kv_cache_tokens=64, kv_block_size=4,
+                         max_running_requests=2)
+    long = GenerateRequest(request_id="long", prompt_token_ids=list(range(5, 45)), max_tokens=20, temperature=0,
+                           ignore_eos=True, priority=-1)
+    leaving = GenerateRequest(request_id="leaving", prompt_token_ids=[7, 8, 9, 10], max_tokens=20, temperature=0,
+                              ignore_eos=True)
+    urgent = GenerateRequest(request_id="urgent", prompt_token_ids=list(range(50, 70)), max_tokens=4, temperature=0,
+                             ignore_eos=True, priority=-1)
+    forward, failed = engine._forward, []
+
+    def leave_and_run_out_of_memory(*args, **kwargs):
+        if not failed and len(engine.tokens("leaving").output_token_ids) >= 2:
+            failed.append(True)
+            engine.cancel("leaving", wait=False)  # its client went away during this step
+            engine.submit(urgent)
+            raise torch.OutOfMemoryError("injected")
+        return forward(*args, **kwargs)
+
+    engine._forward = leave_and_run_out_of_memory
+    ended = threading.Event()
+    hold_at(engine, "long", 6, until=ended)  # "long" runs until "leaving" has its final line
+    with engine._lock:
+        long_stream, leaving_stream = engine.submit(long), engine.submit(leaving)
+    try:
+        assert wait_until(lambda: engine.tokens("leaving").state == "finished", timeout=60), \
+            "the cancelled request waits behind the queue"
+        assert engine.tokens("long").state == "running"  # it ended before "long" let "urgent" in
+    finally:
+        ended.set()
+    assert failed
+    assert list(leaving_stream.events())[-1].finish_reason == "abort"
+    assert list(long_stream.events())[-1].finish_reason == "length"
+    assert wait_until(lambda: engine.counts() == (0, 0) and engine.kv_pool.used_blocks == 0)
