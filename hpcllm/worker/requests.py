@@ -187,8 +187,8 @@ class RequestState:
     token_state: TokenState | None = None
     lora: str | None = None  # the LoRA adapter it runs with (GenerateRequest.lora); None: the base model
     lora_folder: str | None = None  # where that adapter was loaded from (EngineBase._bind_lora, as it is queued)
-    # Which load of that folder's weights (EngineBase._adapter_loads): a folder rewritten and loaded again after an
-    # unload holds other weights under the same name and folder.
+    # Which load of that folder's weights it runs with (EngineBase._adapter_loads; 0: held since start): a folder
+    # rewritten and loaded again after an unload holds other weights under the same name and folder.
     lora_load: int = 0
     priority: int = 0  # GenerateRequest.priority: lower is sooner (admission, and which request is preempted)
     # (finish_reason, stop_reason) of a resume whose resume_token_ids already end it: answered without generating.
@@ -831,7 +831,10 @@ class EngineBase:
     def _init_lora(self, adapters: dict[str, str] | None) -> None:
         """The adapters it starts with (each engine's __init__)."""
         self.lora_adapters = dict(adapters or {})
-        # How often each (name, folder)'s weights were loaded at runtime (RequestState.lora_load); 0: not since start.
+        # Which load holds each (name, folder)'s weights now (RequestState.lora_load), from one engine-wide count
+        # that never repeats: a folder loaded again after its weights went gets a number no cached block holds.
+        # Absent (0): held since start. An entry goes with its weights (unload_lora, _retire_if_unused).
+        self._loads = 0
         self._adapter_loads: dict[tuple[str, str], int] = {}
         self._lora_lock = threading.Lock()  # one load or unload at a time
 
@@ -866,7 +869,8 @@ class EngineBase:
             self._add_adapter(name, folder, read_adapter_config(name, folder))
             with self._lock:
                 self.lora_adapters = {**self.lora_adapters, name: folder}
-                self._adapter_loads[name, folder] = self._adapter_loads.get((name, folder), 0) + 1
+                self._loads += 1
+                self._adapter_loads[name, folder] = self._loads
             log.info("LoRA adapter %s loaded from %s", name, folder)
             return True
 
@@ -884,6 +888,8 @@ class EngineBase:
                 running = self._requests_with(key)
                 if running:
                     self._retiring_adapters |= {key}
+                else:
+                    self._adapter_loads.pop(key, None)
             log.info("LoRA adapter %s unloaded%s", name, f" once its {running} requests end" if running else "")
             if not running:
                 self._remove_adapter(*key, wait=True)
@@ -896,6 +902,7 @@ class EngineBase:
         """A request with this adapter finished (under the lock): the last of an unloaded adapter's frees it."""
         if key in self._retiring_adapters and not self._requests_with(key):
             self._retiring_adapters -= {key}
+            self._adapter_loads.pop(key, None)
             self._remove_adapter(*key, wait=False)
 
     @functools.cached_property

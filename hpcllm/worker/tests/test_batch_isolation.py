@@ -75,3 +75,18 @@ def test_a_request_cancelled_during_a_step_that_runs_out_of_memory_ends_at_once(
     assert list(leaving_stream.events())[-1].finish_reason == "abort"
     assert list(long_stream.events())[-1].finish_reason == "length"
     assert wait_until(lambda: engine.counts() == (0, 0) and engine.kv_pool.used_blocks == 0)
+
+
+def test_adapters_loaded_and_unloaded_leave_no_trace_once_their_weights_went(model_dirs, tmp_path):
+    """A long-lived worker loading each job's adapter folder and unloading it after: the engine keeps nothing per
+    folder once its weights went (RequestState.lora_load's record of which load is held), however many came."""
+    model, tokenizer = load(model_dirs)
+    folders = [tmp_path / f"job-{index}" for index in range(3)]
+    for seed, folder in enumerate(folders, start=1):
+        write_adapter(folder, model, seed=seed)
+    with Engine(model, tokenizer, model_name="tiny", kv_block_size=4) as engine:
+        for folder in folders:
+            assert engine.load_lora("x", str(folder)) is True
+            engine.generate(request(prompt_token_ids=tokenizer(PROMPTS[0])["input_ids"], lora="x"))
+            assert engine.unload_lora("x") == 0
+        assert engine._adapter_loads == {}
