@@ -1079,10 +1079,16 @@ class Engine(EngineBase):
         req.child_state_at = None
 
     def _out_of_memory(self, requests: list[_Request], exc: BaseException) -> None:
-        """The device ran out of memory in a step: alone, the request fails; in a batch, the lowest-priority newest
-        still running is preempted (another thread may have ended some meanwhile: an extend that ended a held
-        request) and the rest retried, with less beside them."""
+        """The device ran out of memory in a step: the requests cancelled meanwhile end (abort: their clients left),
+        and the rest are retried with less beside them; where none was, alone the request fails, in a batch the
+        lowest-priority newest still running is preempted (another thread may have ended some meanwhile: an extend
+        that ended a held request) and the rest retried."""
         with self._lock:
+            cancelled = [r for r in requests if r.state == "running" and r.cancel_requested]
+            for req in cancelled:
+                self._finish(req, "abort")
+            if cancelled:
+                return
             running = [r for r in requests if r.state == "running"]
             if len(requests) > 1:
                 if running:

@@ -90,3 +90,52 @@ def test_adapters_loaded_and_unloaded_leave_no_trace_once_their_weights_went(mod
             engine.generate(request(prompt_token_ids=tokenizer(PROMPTS[0])["input_ids"], lora="x"))
             assert engine.unload_lora("x") == 0
         assert engine._adapter_loads == {}
+
+
+def _leave_during_a_step_that_runs_out_of_memory(engine, leaving: str, after_tokens: int) -> list[bool]:
+    """Make the step after `leaving` has after_tokens output tokens cancel it (its client went away during the
+    step) and then run out of memory; returns a list that holds True once it did."""
+    forward, failed = engine._forward, []
+
+    def leave_and_run_out_of_memory(*args, **kwargs):
+        if not failed and len(engine.tokens(leaving).output_token_ids) >= after_tokens:
+            failed.append(True)
+            engine.cancel(leaving, wait=False)
+            raise torch.OutOfMemoryError("injected")
+        return forward(*args, **kwargs)
+
+    engine._forward = leave_and_run_out_of_memory
+    return failed
+
+
+def test_a_request_alone_whose_client_left_during_a_step_that_ran_out_of_memory_ends_as_cancelled(load_pair,
+                                                                                                  make_engine):
+    """Nobody waits for it any more: it ends as a cancel does (abort), not as an out-of-memory error."""
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+    failed = _leave_during_a_step_that_runs_out_of_memory(engine, "leaving", 2)
+    leaving = GenerateRequest(request_id="leaving", prompt_token_ids=[7, 8, 9, 10], max_tokens=20, temperature=0,
+                              ignore_eos=True)
+    events = list(engine.submit(leaving).events())
+    assert failed
+    assert events[-1].finish_reason == "abort" and events[-1].error is None, events[-1]
+
+
+def test_a_cancel_during_a_step_that_ran_out_of_memory_preempts_no_live_request_of_the_batch(load_pair,
+                                                                                             make_engine):
+    """The step's batch holds a request whose client left (the older one) and a live one (the newest, the one a
+    preemption picks): the cancelled one ends and frees its memory, the live one goes on without being preempted
+    (no recompute of its tokens)."""
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+    failed = _leave_during_a_step_that_runs_out_of_memory(engine, "leaving", 2)
+    leaving = GenerateRequest(request_id="leaving", prompt_token_ids=[7, 8, 9, 10], max_tokens=20, temperature=0,
+                              ignore_eos=True)
+    staying = GenerateRequest(request_id="staying", prompt_token_ids=[11, 12, 13], max_tokens=20, temperature=0,
+                              ignore_eos=True)
+    with engine._lock:  # one batch from the first step
+        leaving_stream, staying_stream = engine.submit(leaving), engine.submit(staying)
+    assert list(leaving_stream.events())[-1].finish_reason == "abort"
+    assert list(staying_stream.events())[-1].finish_reason == "length"
+    assert failed
+    assert engine.metrics.preemptions._value.get() == 0
