@@ -126,6 +126,13 @@ class _Request(RequestState):
         return self.prompt_ids + self.output_ids
 
 
+def _cache_salt(req: RequestState) -> str | None:
+    """vLLM's prefix-cache salt of req's blocks: vLLM keys them by adapter name and path, but an adapter loaded again
+    from its folder after an unload may hold other weights (retrained): its load (RequestState.lora_load) salts
+    them. None for the base model and an adapter held since start."""
+    return f"lora-load-{req.lora_load}" if req.lora_load else None
+
+
 VllmRequestStream = RequestStream  # a request's events; closing it early cancels the request
 
 
@@ -371,7 +378,7 @@ class VllmEngine(EngineBase):
         reasoning_ended = (None if self._markers is None or not req.params.constrained
                            else thinking is None or thinking.start is not None)
         self._commands.append(("add", vllm_id, known, params, self._lora_requests.get(req.lora_key), reasoning_ended,
-                               req.priority))
+                               req.priority, _cache_salt(req)))
         self._lock.notify_all()
 
     def _warm(self, req: _Request) -> None:
@@ -391,7 +398,7 @@ class VllmEngine(EngineBase):
         self._vllm_ids[vllm_id] = (req, len(known))
         # Under its adapter: vLLM's prefix cache keys blocks by it, as the generation after the warm-up looks them up.
         self._commands.append(("add", vllm_id, known, params, self._lora_requests.get(req.lora_key), None,
-                               req.priority))
+                               req.priority, _cache_salt(req)))
         self._lock.notify_all()
 
     def _kv_blocks_wanted(self, req: _Request, ids: list[int]) -> int:
@@ -510,12 +517,15 @@ class VllmEngine(EngineBase):
             self._send_commands(wait=True)
 
     def _add_to_vllm(self, vllm_id: str, ids: list[int], params, lora_request=None,
-                     reasoning_ended: bool | None = None, priority: int = 0) -> None:
+                     reasoning_ended: bool | None = None, priority: int = 0, cache_salt: str | None = None) -> None:
         """Submit one request to vLLM (holding the LLMEngine); one vLLM refuses fails that request, not the engine.
         reasoning_ended: whether its grammar starts at once (None: vLLM's default, from the prompt); priority:
-        GenerateRequest.priority (vLLM's scheduler is built with the priority policy: build_llm_engine)."""
+        GenerateRequest.priority (vLLM's scheduler is built with the priority policy: build_llm_engine);
+        cache_salt: _cache_salt's."""
         try:
             prompt = {"prompt_token_ids": ids}
+            if cache_salt is not None:
+                prompt["cache_salt"] = cache_salt
             if reasoning_ended is not None:  # a field of vLLM's own request only (its server's add_request sets it)
                 prompt = self.llm.input_processor.process_inputs(vllm_id, prompt, params,
                                                                  self.llm.get_supported_tasks(),

@@ -60,3 +60,31 @@ def test_a_vllm_worker_serves_adapters_as_hpcllms_engine_does(lora_vllm_worker, 
                                       temperature=0, ignore_eos=True, lora=name)
             with worker.generate(request) as stream:
                 assert token_ids(stream) == expected[name], name
+
+
+def test_a_vllm_worker_serves_an_adapter_retrained_in_its_folder_with_its_new_weights(lora_vllm_worker,
+                                                                                       small_llama_dir, tmp_path):
+    """An adapter unloaded, retrained into the same folder and loaded again under its name: vLLM keys its prefix
+    cache by adapter name and path, so the worker salts the new load's blocks (its old weights' keys and values
+    would otherwise answer any prompt it had seen)."""
+    model_dirs = {"llama": small_llama_dir}
+    model, _ = load(model_dirs)
+    folder = tmp_path / "z"
+    old = write_adapter(folder, model, seed=3)
+    prompt_ids = [10 + (index * 37) % 900 for index in range(200)]  # longer than a block (vLLM's CPU one: 128)
+    with WorkerClient(lora_vllm_worker, SECRET, read_timeout=120) as worker:
+
+        def greedy(request_id: str) -> list[int]:
+            request = GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=8,
+                                      temperature=0, ignore_eos=True, lora="z")
+            with worker.generate(request) as stream:
+                return token_ids(stream)
+
+        assert worker.load_lora_adapter("z", str(folder)).changed
+        assert greedy("r-z-old") == merged_greedy(model_dirs, old, prompt_ids, max_new_tokens=8)
+        worker.unload_lora_adapter("z")
+        new = write_adapter(folder, load(model_dirs)[0], seed=4)  # retrained: same folder, other weights
+        expected = merged_greedy(model_dirs, new, prompt_ids, max_new_tokens=8)
+        assert expected != merged_greedy(model_dirs, old, prompt_ids, max_new_tokens=8)  # the test means something
+        assert worker.load_lora_adapter("z", str(folder)).changed
+        assert greedy("r-z-new") == expected
