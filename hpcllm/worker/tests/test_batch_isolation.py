@@ -37,9 +37,9 @@ def test_an_adapter_rewritten_in_its_folder_and_loaded_again_shares_no_cached_pr
 
 
 def test_a_request_cancelled_during_a_step_that_runs_out_of_memory_ends_at_once(load_pair, make_engine):
-    """A client leaves while a batched step runs, and that step runs out of memory: the engine preempts the newest
-    request, here the cancelled one. Queued again behind a higher-priority request that waits for KV blocks, it
-    must still end now (abort), not once the requests before it let that one in."""
+    """A client leaves while a batched step runs, and that step runs out of memory: the cancelled request, the
+    newest (the one a preemption picks), must end now (abort), not be queued again behind a higher-priority request
+    that waits for KV blocks and end only once the requests before it let that one in."""
     model, tokenizer = load_pair("llama")
     # 16 blocks of 4 tokens: "long" holds 11-15 of them, so "urgent" (6 blocks) waits for it.
     engine = make_engine(model, tokenizer, max_model_len=64, kv_cache_tokens=64, kv_block_size=4,
