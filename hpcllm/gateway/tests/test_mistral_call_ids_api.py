@@ -6,34 +6,16 @@ worker."""
 
 from __future__ import annotations
 
-import pytest
-
 from hpcllm.httpkit.tests.thread_server import ThreadServer
 
-from .conftest import GatewayFactory, scripted_gateway
-from .stand_in_worker import Script, scripted_worker_app
+from .conftest import GatewayFactory
+from .stand_in_worker import scripted_worker_app
 from .test_errors import assert_error
+from .test_reasoning_api import _prompt
+from .test_tool_formats_api import MISTRAL, mistral_gw, mistral_script  # noqa: F401 (fixtures)
 
-MISTRAL = "tiny-mistral"
 OPENAI_ID = "call_Xy7QpL2mN4vR8sT1uW3zA5bC"  # OpenAI's shape: "call_" and 24 letters or digits
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-
-
-@pytest.fixture(scope="module")
-def mistral_script() -> Script:
-    from hpcllm.devmodels import make_tokenizer
-
-    return Script(make_tokenizer("mistral-tools"))
-
-
-@pytest.fixture(scope="module")
-def mistral_gw(tmp_path_factory, mistral_script):
-    with scripted_gateway(tmp_path_factory.mktemp("mistral-ids"), MISTRAL, "mistral-tools", mistral_script) as gateway:
-        yield gateway
-
-
-def _prompt(script: Script) -> str:
-    return script.tokenizer.decode(script.prompts[-1])
 
 
 def test_a_chat_historys_longer_call_ids_reach_a_mistral_template_as_their_last_9_characters(mistral_gw,
