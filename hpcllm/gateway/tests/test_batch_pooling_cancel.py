@@ -4,9 +4,9 @@ the request's late answer is not written, and the batch is handed back for anoth
 
 from __future__ import annotations
 
-import io
 import json
 import threading
+from contextlib import contextmanager
 
 from flask import Flask, Response, request
 
@@ -16,7 +16,17 @@ from hpcllm.worker.protocol import (CANCEL_PATH, EMBED_PATH, EmbedResult, ErrorI
                                     RequestTokens)
 
 from .conftest import MODEL, GatewayFactory
-from .test_batches_api import jsonl, service_of, wait_until
+from .test_batches_api import service_of, submit, wait_until
+
+EMBEDDINGS = "/v1/embeddings"
+EMBED_LINE = {"custom_id": "e0", "method": "POST", "url": EMBEDDINGS, "body": {"model": MODEL, "input": "hi"}}
+
+
+def embedded(body: dict) -> Response:
+    """A worker's answer to an embed call: a vector for each input."""
+    result = EmbedResult(embeddings=[[1.0, 0.0] for _ in body["inputs"]],
+                         prompt_tokens=sum(len(ids) for ids in body["inputs"]))
+    return Response(result.model_dump_json(), mimetype="application/json")
 
 
 class PoolingWorker:
@@ -39,9 +49,7 @@ class PoolingWorker:
                 error = ErrorResponse(error=ErrorInfo(message="embedding cancelled by its caller",
                                                       type="overloaded_error"))
                 return Response(error.model_dump_json(), status=503, mimetype="application/json")
-            result = EmbedResult(embeddings=[[1.0, 0.0] for _ in body["inputs"]],
-                                 prompt_tokens=sum(len(ids) for ids in body["inputs"]))
-            return Response(result.model_dump_json(), mimetype="application/json")
+            return embedded(body)
 
         @app.post(CANCEL_PATH.replace("{request_id}", "<request_id>"))
         def cancel(request_id: str):
@@ -58,36 +66,42 @@ class PoolingWorker:
         self.server = ThreadServer(app)
 
 
+@contextmanager
+def pooling_batch(worker: PoolingWorker, tmp_path, model_dir):
+    """A gateway in front of `worker` running one embeddings batch (one line), its call now pooling on the worker:
+    (gateway, batch); the worker released, and all stopped, on leaving."""
+    factory = GatewayFactory(tmp_path, worker.server.url, model_dir)
+    try:
+        gw = factory(batch_concurrency=1, batch_lease_seconds=300)
+        batch = submit(gw.client(), [EMBED_LINE], EMBEDDINGS)
+        assert worker.reached.wait(30)
+        yield gw, batch
+    finally:
+        worker.release.set()
+        worker.stop.set()
+        factory.stop_all()
+        worker.server.stop()
+
+
+def batch_row(gw):
+    """The gateway's one batch as stored (status, lease_holder and the batch's JSON)."""
+    with service_of(gw).batches.shared.connection() as db:
+        return db.conn.execute("SELECT status, lease_holder, batch FROM gateway_batches").fetchone()
+
+
 def test_a_closing_gateway_cancels_its_batch_embedding_call_on_the_worker(tmp_path, tiny_model_dir):
     from hpcllm.gateway.server import QUICK_CLOSE_S
 
     worker = PoolingWorker()
-    factory = GatewayFactory(tmp_path, worker.server.url, tiny_model_dir)
-    try:
-        gw = factory(batch_concurrency=1, batch_lease_seconds=300)
-        client = gw.client()
-        line = {"custom_id": "e0", "method": "POST", "url": "/v1/embeddings", "body": {"model": MODEL, "input": "hi"}}
-        source = client.files.create(file=("in.jsonl", io.BytesIO(jsonl([line]))), purpose="batch")
-        batch = client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h")
-        assert worker.reached.wait(30)
+    with pooling_batch(worker, tmp_path, tiny_model_dir) as (gw, batch):
         gw.state.close(QUICK_CLOSE_S)  # the call pools for 60 s unless cancelled: it outlasts the close's budget
 
         assert worker.stop.wait(30), "the worker was not asked to cancel the call: it pools on for nobody"
         assert worker.cancelled == worker.embedded and worker.embedded[0] is not None
-
-        def released():
-            with service_of(gw).batches.shared.connection() as db:
-                row = db.conn.execute("SELECT status, lease_holder, batch FROM gateway_batches").fetchone()
-            return row["lease_holder"] is None and row
-
-        row = wait_until(released, timeout_s=30)
+        row = wait_until(lambda: (row := batch_row(gw))["lease_holder"] is None and row, timeout_s=30)
         kept = json.loads(row["batch"])
         assert row["status"] not in FINAL and kept["id"] == batch.id
         assert (kept["request_counts"]["completed"], kept["request_counts"]["failed"]) == (0, 0)  # nothing written
-    finally:
-        worker.stop.set()
-        factory.stop_all()
-        worker.server.stop()
 
 
 def test_a_worker_that_never_answers_the_cancel_does_not_hold_the_close(tmp_path, tiny_model_dir):
@@ -96,29 +110,16 @@ def test_a_worker_that_never_answers_the_cancel_does_not_hold_the_close(tmp_path
     from hpcllm.gateway.server import QUICK_CLOSE_S
 
     worker = PoolingWorker(answers_cancel=False)
-    factory = GatewayFactory(tmp_path, worker.server.url, tiny_model_dir)
-    try:
-        gw = factory(batch_concurrency=1, batch_lease_seconds=300)
-        client = gw.client()
-        line = {"custom_id": "e0", "method": "POST", "url": "/v1/embeddings", "body": {"model": MODEL, "input": "hi"}}
-        source = client.files.create(file=("in.jsonl", io.BytesIO(jsonl([line]))), purpose="batch")
-        batch = client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h")
-        assert worker.reached.wait(30)
+    with pooling_batch(worker, tmp_path, tiny_model_dir) as (gw, batch):
         closed = threading.Event()
         threading.Thread(target=lambda: (gw.state.close(QUICK_CLOSE_S), closed.set()), daemon=True).start()
 
         assert worker.cancel_asked.wait(30)
         assert closed.wait(30), "the close waited on the worker's answer to the cancel"
         assert not worker.cancel_answered.is_set()  # it closed while the cancel was still unanswered
-        with service_of(gw).batches.shared.connection() as db:
-            row = db.conn.execute("SELECT status, lease_holder, batch FROM gateway_batches").fetchone()
+        row = batch_row(gw)
         assert row["lease_holder"] is None and json.loads(row["batch"])["id"] == batch.id  # handed back
         assert row["status"] not in FINAL
-    finally:
-        worker.release.set()
-        worker.stop.set()
-        factory.stop_all()
-        worker.server.stop()
 
 
 def test_a_worker_older_than_call_ids_still_pools_a_batchs_embeddings(tmp_path, tiny_model_dir):
@@ -136,17 +137,13 @@ def test_a_worker_older_than_call_ids_still_pools_a_batchs_embeddings(tmp_path, 
                                                   type="invalid_request_error", param="request_id",
                                                   code="invalid_request"))
             return Response(error.model_dump_json(), status=400, mimetype="application/json")
-        result = EmbedResult(embeddings=[[1.0, 0.0] for _ in body["inputs"]],
-                             prompt_tokens=sum(len(ids) for ids in body["inputs"]))
-        return Response(result.model_dump_json(), mimetype="application/json")
+        return embedded(body)
 
     server = ThreadServer(app)
     factory = GatewayFactory(tmp_path, server.url, tiny_model_dir)
     try:
         client = factory(batch_concurrency=1).client()
-        line = {"custom_id": "e0", "method": "POST", "url": "/v1/embeddings", "body": {"model": MODEL, "input": "hi"}}
-        source = client.files.create(file=("in.jsonl", io.BytesIO(jsonl([line]))), purpose="batch")
-        batch = client.batches.create(input_file_id=source.id, endpoint="/v1/embeddings", completion_window="24h")
+        batch = submit(client, [EMBED_LINE], EMBEDDINGS)
         done = wait_until(lambda: (b := client.batches.retrieve(batch.id)).status in FINAL and b, timeout_s=60)
         assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 1, 0)
         result = json.loads(client.files.content(done.output_file_id).text)
