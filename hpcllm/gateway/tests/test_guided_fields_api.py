@@ -6,26 +6,17 @@ from __future__ import annotations
 
 import json
 
-from hpcllm.worker.tests.schemas import PERSON_SCHEMA, check_person
+from hpcllm.worker.tests.schemas import PERSON_SCHEMA
 
 from .conftest import MODEL
 from .test_errors import assert_error
+from .test_structured_outputs_api import MESSAGES, check_person_answers
 
-MESSAGES = [{"role": "user", "content": "who are you?"}]
 ENDPOINTS = (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "hello"}))
 
 
 def test_guided_json_as_json_text_constrains_chat_and_completions(gateway):
-    client = gateway.client()
-    constraint = {"guided_json": json.dumps(PERSON_SCHEMA)}
-    answer = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=64, temperature=1.0, seed=2,
-                                            extra_body=constraint)
-    assert answer.choices[0].finish_reason == "stop"
-    check_person(answer.choices[0].message.content)
-    completion = client.completions.create(model=MODEL, prompt="hello", max_tokens=64, temperature=0,
-                                           extra_body=constraint)
-    assert completion.choices[0].finish_reason == "stop"
-    check_person(completion.choices[0].text)
+    check_person_answers(gateway, {"guided_json": json.dumps(PERSON_SCHEMA)})
 
 
 def test_guided_json_that_is_no_schema_is_a_400_naming_it(gateway):

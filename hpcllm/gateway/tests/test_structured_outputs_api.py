@@ -68,12 +68,9 @@ def test_bad_response_formats_are_refused_naming_the_field(gateway):
     assert refused({"type": "yaml"}, openai.UnprocessableEntityError)["param"] == "response_format.type"
 
 
-@pytest.mark.parametrize("constraint", [
-    {"structured_outputs": {"json": PERSON_SCHEMA}},
-    {"structured_outputs": {"json": json.dumps(PERSON_SCHEMA), "disable_any_whitespace": True}},  # vLLM takes both
-    {"guided_json": PERSON_SCHEMA},
-], ids=["structured_outputs", "as-json-text", "guided_json"])
-def test_vllms_structured_outputs_json_on_chat_and_completions(gateway, constraint):
+def check_person_answers(gateway, constraint: dict) -> None:
+    """A chat answer (seeded) and a completion (greedy) asked with `constraint` (extra body fields holding
+    PERSON_SCHEMA) each stop by themselves, and what they say validates as PERSON_SCHEMA."""
     client = gateway.client()
     answer = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=64, temperature=1.0, seed=2,
                                             extra_body=constraint)
@@ -83,6 +80,15 @@ def test_vllms_structured_outputs_json_on_chat_and_completions(gateway, constrai
                                            extra_body=constraint)
     assert completion.choices[0].finish_reason == "stop"
     check_person(completion.choices[0].text)
+
+
+@pytest.mark.parametrize("constraint", [
+    {"structured_outputs": {"json": PERSON_SCHEMA}},
+    {"structured_outputs": {"json": json.dumps(PERSON_SCHEMA), "disable_any_whitespace": True}},  # vLLM takes both
+    {"guided_json": PERSON_SCHEMA},
+], ids=["structured_outputs", "as-json-text", "guided_json"])
+def test_vllms_structured_outputs_json_on_chat_and_completions(gateway, constraint):
+    check_person_answers(gateway, constraint)
 
 
 def test_structured_outputs_json_object(gateway, hf_pair):
