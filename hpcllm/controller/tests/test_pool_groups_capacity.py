@@ -7,6 +7,7 @@ import pytest
 
 from hpcllm.controller.errors import NoCapacity, NoCapacityPossible
 from hpcllm.controller.protocol import NodeRegistration, PoolTokenRequest
+from hpcllm.controller.tests.test_pools import pool_node
 
 
 @pytest.fixture
@@ -33,10 +34,7 @@ def test_another_groups_pool_token_does_not_make_a_request_wait_for_capacity_tha
 
 def physics_pool_node(h):
     """A physics pool node of big, registered with its pool token, whose agent stopped answering (lost)."""
-    token = h.controller.issue_pool_token(PoolTokenRequest(model="big", group="physics"))
-    h.backend.run_job("71", "pool1")
-    h.controller.register(NodeRegistration(node_id="pool1", agent_url="http://pool1:9000", slurm_job_id="71",
-                                           pool_model="big"), h.controller.authenticate_token(token.token))
+    token = pool_node(h, "pool1", "71", "physics", model="big")
     h.registry.node_left("pool1", "lost")
     return token
 

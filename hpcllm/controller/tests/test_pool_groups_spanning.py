@@ -3,17 +3,8 @@ a start asked for on a group's behalf counts what that group may be routed to, a
 
 from __future__ import annotations
 
-from hpcllm.controller.protocol import MigrationTargetRequest, ModelSpec, NodeRegistration, PoolTokenRequest, \
-    RouteWaiting
-from hpcllm.controller.tests.test_pools import pool_instance
-
-
-def physics_pool_of(h, model: str, node: str, job: str) -> None:
-    """A physics pool of `model` on `node` (registered with a pool token, as slurm/model-pool.sbatch does)."""
-    token = h.controller.issue_pool_token(PoolTokenRequest(model=model, group="physics")).token
-    h.backend.run_job(job, node)
-    h.controller.register(NodeRegistration(node_id=node, agent_url=f"http://{node}:9000", slurm_job_id=job,
-                                           pool_model=model), h.controller.authenticate_token(token))
+from hpcllm.controller.protocol import MigrationTargetRequest, ModelSpec, RouteWaiting
+from hpcllm.controller.tests.test_pools import pool_instance, pool_node
 
 
 def test_a_draining_pools_requests_wait_for_their_groups_other_pool_loading_a_spanning_model(
@@ -21,9 +12,9 @@ def test_a_draining_pools_requests_wait_for_their_groups_other_pool_loading_a_sp
     h = make_harness(allocate_on_demand=True, cpu_slots_per_node=1)
     h.controller.deploy(ModelSpec(name="tp", source=str(tiny_llama_dir), size_bytes=1000, tensor_parallel=2, nodes=2,
                                   keep_alive_seconds=3600))
-    physics_pool_of(h, "tp", "pool1", "71")
+    pool_node(h, "pool1", "71", "physics", model="tp")
     pool_instance(h, "pool1", "tp", "pool-tp-1")
-    physics_pool_of(h, "tp", "pool2", "72")
+    pool_node(h, "pool2", "72", "physics", model="tp")
     h.agents._agent("http://pool2:9000").add(h.agents._agent("http://pool1:9000").instances["pool-tp-1"].model_copy(
         update={"instance_id": "pool-tp-2", "state": "loading", "worker_url": None}))
     h.heartbeat("pool2")

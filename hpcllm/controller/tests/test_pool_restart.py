@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hpcllm.controller.errors import NoCapacity
-from hpcllm.controller.protocol import InstanceInfo, NodeRegistration, PoolTokenRequest
-from hpcllm.controller.tests.test_pools import pool_instance
+from hpcllm.controller.protocol import InstanceInfo
+from hpcllm.controller.tests.test_pools import pool_instance, pool_node
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -16,10 +16,7 @@ def test_a_restart_takes_no_instance_of_another_model_from_a_pool_tokens_agent(m
     h = make_harness(allocate_on_demand=False)
     h.deploy("m")
     h.deploy("secret")
-    token = h.controller.issue_pool_token(PoolTokenRequest(model="m", group="physics", shared=shared)).token
-    h.backend.run_job("71", "pool1")
-    h.controller.register(NodeRegistration(node_id="pool1", agent_url="http://pool1:9000", slurm_job_id="71",
-                                           pool_model="m"), h.controller.authenticate_token(token))
+    pool_node(h, "pool1", "71", "physics", shared=shared)
     pool_instance(h, "pool1", "m", "pool-m-1")
     # The pool's agent now lists an instance of a model its token does not serve.
     h.agents._agent("http://pool1:9000").add(InstanceInfo(
@@ -39,10 +36,7 @@ def test_a_restart_takes_nothing_from_an_agent_whose_token_the_controller_no_lon
     h = make_harness(allocate_on_demand=False)
     h.deploy("m")
     h.deploy("secret")
-    issued = h.controller.issue_pool_token(PoolTokenRequest(model="m", group="physics"))
-    h.backend.run_job("71", "pool1")
-    h.controller.register(NodeRegistration(node_id="pool1", agent_url="http://pool1:9000", slurm_job_id="71",
-                                           pool_model="m"), h.controller.authenticate_token(issued.token))
+    issued = pool_node(h, "pool1", "71", "physics")
     pool_instance(h, "pool1", "m", "pool-m-1")
     h.agents._agent("http://pool1:9000").add(InstanceInfo(
         instance_id="pool-secret-1", model="secret", state="ready", worker_url="http://pool1:9000/workers/x",
@@ -62,10 +56,7 @@ def test_a_restart_takes_nothing_from_an_agent_whose_token_was_revoked(make_harn
     its heartbeats get 401 and its agent drains): a restarted controller takes no new instance from its list."""
     h = make_harness(allocate_on_demand=False)
     h.deploy("m")
-    issued = h.controller.issue_pool_token(PoolTokenRequest(model="m", group="physics"))
-    h.backend.run_job("71", "pool1")
-    h.controller.register(NodeRegistration(node_id="pool1", agent_url="http://pool1:9000", slurm_job_id="71",
-                                           pool_model="m"), h.controller.authenticate_token(issued.token))
+    issued = pool_node(h, "pool1", "71", "physics")
     h.agents._agent("http://pool1:9000").add(InstanceInfo(
         instance_id="pool-m-2", model="m", state="ready", worker_url="http://pool1:9000/workers/x",
         gpu_ids=[], load_tier="sharedfs", load_seconds=1.0))

@@ -6,18 +6,14 @@ from __future__ import annotations
 import pytest
 
 from hpcllm.controller.errors import NoCapacity
-from hpcllm.controller.protocol import NodeRegistration, PoolTokenRequest
-from hpcllm.controller.tests.test_pools import pool_instance
+from hpcllm.controller.tests.test_pools import pool_instance, pool_node
 
 
 @pytest.mark.parametrize("agent_answers", [True, False])
 def test_a_restart_routes_nothing_to_the_instances_of_a_node_whose_token_was_revoked(make_harness, agent_answers):
     h = make_harness(allocate_on_demand=False)
     h.deploy("m")
-    issued = h.controller.issue_pool_token(PoolTokenRequest(model="m", group="physics"))
-    h.backend.run_job("71", "pool1")
-    h.controller.register(NodeRegistration(node_id="pool1", agent_url="http://pool1:9000", slurm_job_id="71",
-                                           pool_model="m"), h.controller.authenticate_token(issued.token))
+    issued = pool_node(h, "pool1", "71", "physics")
     pool_instance(h, "pool1", "m", "pool-m-1")  # known to the registry, routed to
     assert h.controller.route_once("m", group="physics").instance_id == "pool-m-1"
     h.registry.revoke_credential(issued.credential_id, h.clock())  # the controller stops before node_left

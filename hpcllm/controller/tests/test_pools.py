@@ -15,7 +15,8 @@ import pytest
 
 from hpcllm.cli.main import main
 from hpcllm.controller.cli import print_status
-from hpcllm.controller.protocol import ClusterStatus, Heartbeat, InstanceInfo, NodeRegistration, PoolTokenRequest
+from hpcllm.controller.protocol import (ClusterStatus, Heartbeat, InstanceInfo, IssuedPoolToken, NodeRegistration,
+                                       PoolTokenRequest)
 from hpcllm.controller.tests.conftest import ADMIN_KEY, GB
 from hpcllm.controller.tests.test_migration import use_migrating_agents
 from hpcllm.credentials import TOKEN_HEADER
@@ -375,13 +376,19 @@ def test_a_controller_restarted_while_a_pool_retires_waits_for_the_same_replacem
     assert len(h.agents.started) == 1
 
 
-def group_pool(h, node: str, job: str, group: str, shared: bool = False) -> dict:
-    """A group's pool of m on node (registered with a pool token, as slurm/model-pool.sbatch does); its headers."""
-    token = h.controller.issue_pool_token(PoolTokenRequest(model="m", group=group, shared=shared)).token
+def pool_node(h, node: str, job: str, group: str, model: str = "m", shared: bool = False) -> IssuedPoolToken:
+    """A group's pool of `model` on node, its Slurm job running and its agent registered with a pool token (as
+    slurm/model-pool.sbatch does); the token issued."""
+    issued = h.controller.issue_pool_token(PoolTokenRequest(model=model, group=group, shared=shared))
     h.backend.run_job(job, node)
     h.controller.register(NodeRegistration(node_id=node, agent_url=f"http://{node}:9000", slurm_job_id=job,
-                                           pool_model="m"), h.controller.authenticate_token(token))
-    return {TOKEN_HEADER: token}
+                                           pool_model=model), h.controller.authenticate_token(issued.token))
+    return issued
+
+
+def group_pool(h, node: str, job: str, group: str, shared: bool = False) -> dict:
+    """A group's pool of m on node (pool_node); its headers."""
+    return {TOKEN_HEADER: pool_node(h, node, job, group, shared=shared).token}
 
 
 @pytest.mark.parametrize("leaving_group, other_group", [("physics", "chemistry"), (None, "physics")])
