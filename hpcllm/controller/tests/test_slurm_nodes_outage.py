@@ -7,25 +7,33 @@ import threading
 from hpcllm.slurm.errors import SlurmUnavailable
 
 
+def placed_three_times_while_slurm_is_down(make_harness, ttl_seconds: float):
+    """A controller reusing Slurm's node list for ttl_seconds ([controller] slurm_nodes_ttl_seconds), m deployed,
+    whose placement asked three times for idle nodes while Slurm could not be asked: none each time. (harness, m)"""
+    h = make_harness(slurm_nodes_ttl_seconds=ttl_seconds)
+    model = h.deploy("m")
+    h.backend.down = True
+    for _ in range(3):
+        assert h.allocator.idle_nodes(model) == []
+    return h, model
+
+
+def node_lists_asked(h) -> int:
+    """How many times Slurm was asked for its node list (sinfo)."""
+    return sum(1 for call, _ in h.backend.calls if call == "nodes")
+
+
 def test_a_failed_node_list_is_not_asked_again_on_every_placement(make_harness):
     # A hung slurmctld makes each sinfo wait for [slurm] command_timeout_seconds (60 s), and placement asks for the
     # node list under its lock on every cold route: each route would wait that long again, one after another.
-    h = make_harness(slurm_nodes_ttl_seconds=30)
-    model = h.deploy("m")
-    h.backend.down = True
-    for _ in range(3):
-        assert h.allocator.idle_nodes(model) == []
+    h, model = placed_three_times_while_slurm_is_down(make_harness, ttl_seconds=30)
     h.allocator.distinct_nodes(model, [])  # a submission's fresh look too
-    assert sum(1 for call, _ in h.backend.calls if call == "nodes") == 1
+    assert node_lists_asked(h) == 1
 
 
 def test_without_a_reuse_time_slurm_is_asked_each_time(make_harness):
-    h = make_harness(slurm_nodes_ttl_seconds=0)
-    model = h.deploy("m")
-    h.backend.down = True
-    for _ in range(3):
-        assert h.allocator.idle_nodes(model) == []
-    assert sum(1 for call, _ in h.backend.calls if call == "nodes") == 3
+    h, model = placed_three_times_while_slurm_is_down(make_harness, ttl_seconds=0)
+    assert node_lists_asked(h) == 3
     h.backend.down = False
     assert h.allocator.idle_nodes(model) == ["n1", "n2", "n3", "n4"]
 
