@@ -32,11 +32,13 @@ def slow_worker_app(seconds_per_token: float, in_flight: InFlight | None = None)
 
 
 def stand_in_worker_app(name: str, after_token, finished: threading.Event | None = None, fail_with: str | None = None,
-                        received: list | None = None, in_flight: InFlight | None = None):
+                        received: list | None = None, in_flight: InFlight | None = None,
+                        queued_until: threading.Event | None = None):
     """A stand-in worker streaming the generate API's NDJSON lines: max_tokens tokens "x", after_token(index) called
     after each, then `finished` set and the final line (with fail_with: a final "error" line with that message, as a
     request its engine could not go on with). received: each GenerateRequest is appended to it. in_flight: counts
-    each generation from its first line until its stream ends (finished or its client gone)."""
+    each generation from its first line until its stream ends (finished or its client gone). queued_until: each
+    request waits for a slot until it is set, sending the worker's keep-alive lines (blank) meanwhile."""
     from flask import Flask, Response, request
 
     from hpcllm.worker.protocol import GENERATE_PATH, ErrorInfo, FinalLine, GenerateRequest, TokenLine, Usage
@@ -52,6 +54,8 @@ def stand_in_worker_app(name: str, after_token, finished: threading.Event | None
 
         def lines():
             with in_flight if in_flight is not None else contextlib.nullcontext():
+                while queued_until is not None and not queued_until.wait(0.05):
+                    yield "\n"  # waiting for a slot: a keep-alive, as the worker sends every keepalive_seconds
                 for index in range(total):
                     yield TokenLine(index=index, token_id=100, text="x").model_dump_json() + "\n"
                     after_token(index)

@@ -9,49 +9,17 @@ import httpx
 import pytest
 
 from .conftest import MODEL, USER_KEY, GatewayFactory, ThreadServer, raw_post
-from .stand_in_worker import InFlight
-
-
-def queueing_worker_app(release: threading.Event, in_flight: InFlight):
-    """A stand-in worker whose requests wait for a slot until `release` is set, sending the worker's keep-alive
-    lines (blank) meanwhile, then stream their tokens. in_flight counts the requests it holds (queued or streaming)
-    until their stream ends or its client (the gateway) is gone."""
-    from flask import Flask, Response, request
-
-    from hpcllm.worker.protocol import GENERATE_PATH, FinalLine, GenerateRequest, TokenLine, Usage
-
-    app = Flask("queueing-worker")
-
-    @app.post(GENERATE_PATH)
-    def generate():
-        req = GenerateRequest.model_validate_json(request.get_data())
-
-        def lines():
-            with in_flight:
-                while not release.wait(0.05):
-                    yield "\n"  # waiting for a slot: a keep-alive, as the worker sends every keepalive_seconds
-                total = req.max_tokens or 4
-                for index in range(total):
-                    yield TokenLine(index=index, token_id=100, text="x").model_dump_json() + "\n"
-                usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=total,
-                              total_tokens=len(req.prompt_token_ids) + total)
-                yield FinalLine(finish_reason="length", usage=usage).model_dump_json() + "\n"
-
-        return Response(lines(), mimetype="application/x-ndjson")
-
-    @app.get("/ready")
-    def ready():
-        return {"status": "ready"}
-
-    return app
+from .stand_in_worker import InFlight, stand_in_worker_app
 
 
 @pytest.fixture
 def queueing(tmp_path, tiny_model_dir):
     """(gateway, in_flight) of a gateway in front of a queueing worker that holds every request while the test
-    runs (released at its end)."""
+    runs (released at its end); in_flight counts the requests it holds (queued or streaming) until their stream ends
+    or its client (the gateway) is gone."""
     release, in_flight = threading.Event(), InFlight()
-    worker = ThreadServer(queueing_worker_app(release, in_flight))
+    worker = ThreadServer(stand_in_worker_app("queueing-worker", lambda index: None, in_flight=in_flight,
+                                              queued_until=release))
     factory = GatewayFactory(tmp_path, worker.url, tiny_model_dir)
     try:
         yield factory(max_streams_per_key=1), in_flight
