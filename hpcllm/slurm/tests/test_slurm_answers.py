@@ -103,14 +103,33 @@ def test_a_wait_that_times_out_on_a_held_job_says_why_it_has_not_started():
         job.wait(timeout=0.1)
 
 
-def _jwt(claims: dict) -> str:
-    """A token shaped like `scontrol token`'s (header.claims.signature, base64url without padding)."""
+def _jwt(claims: dict | str) -> str:
+    """A token shaped like `scontrol token`'s (header.claims.signature, base64url without padding); claims: a dict,
+    or its JSON text as written (values json.dumps would not write so)."""
     import base64
     import json
 
-    def part(data: dict) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
-    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJl"
+    def part(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+    claims_text = claims if isinstance(claims, str) else json.dumps(claims)
+    return f"{part(json.dumps({'alg': 'HS256', 'typ': 'JWT'}))}.{part(claims_text)}.c2lnbmF0dXJl"
+
+
+def _token_recording_backend(monkeypatch, token: str):
+    """A REST backend given SLURM_JWT=token, in front of a slurmrestd that answers every request with no jobs:
+    (backend, the X-SLURM-USER-TOKEN each request carried)."""
+    import httpx
+
+    from hpcllm.slurm.rest_backend import RestBackend
+
+    monkeypatch.setenv("SLURM_JWT", token)
+    seen = []
+
+    def slurmrestd(request):
+        seen.append(request.headers["X-SLURM-USER-TOKEN"])
+        return httpx.Response(200, json={"errors": [], "jobs": []})
+
+    return RestBackend(SlurmConfig(backend="rest", rest_user="svc"), transport=httpx.MockTransport(slurmrestd)), seen
 
 
 class ExpiredTokenSlurmrestd:
@@ -163,19 +182,8 @@ def test_an_expired_jwt_is_named_as_expired_not_slurm_unreachable(monkeypatch, t
 def test_a_jwt_that_has_not_expired_is_sent(monkeypatch):
     import time
 
-    import httpx
-
-    from hpcllm.slurm.rest_backend import RestBackend
-
     token = _jwt({"exp": int(time.time()) + 1800, "iat": int(time.time()), "sun": "svc"})
-    monkeypatch.setenv("SLURM_JWT", token)
-    seen = []
-
-    def slurmrestd(request):
-        seen.append(request.headers["X-SLURM-USER-TOKEN"])
-        return httpx.Response(200, json={"errors": [], "jobs": []})
-
-    backend = RestBackend(SlurmConfig(backend="rest", rest_user="svc"), transport=httpx.MockTransport(slurmrestd))
+    backend, seen = _token_recording_backend(monkeypatch, token)
     assert backend.statuses(["1"])["1"].missing
     assert seen == [token]
 
@@ -185,26 +193,11 @@ def test_a_jwt_that_has_not_expired_is_sent(monkeypatch):
     (-1e20, False),  # long past, before any date the calendar prints: named as expired
 ])
 def test_a_jwt_whose_exp_is_out_of_range_is_judged_not_a_crash(monkeypatch, exp, sent):
-    import base64
     import json
 
-    import httpx
-
-    from hpcllm.slurm.rest_backend import RestBackend
-
-    def part(text: str) -> str:
-        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
     # json.dumps cannot write 10**400 as a float, and writes Infinity/NaN bare, as a hand-made token may hold them
-    claims = json.dumps({"sun": "svc"})[:-1] + f', "exp": {exp}}}'
-    token = f"{part(json.dumps({'alg': 'HS256', 'typ': 'JWT'}))}.{part(claims)}.c2lnbmF0dXJl"
-    monkeypatch.setenv("SLURM_JWT", token)
-    seen = []
-
-    def slurmrestd(request):
-        seen.append(request.headers["X-SLURM-USER-TOKEN"])
-        return httpx.Response(200, json={"errors": [], "jobs": []})
-
-    backend = RestBackend(SlurmConfig(backend="rest", rest_user="svc"), transport=httpx.MockTransport(slurmrestd))
+    token = _jwt(json.dumps({"sun": "svc"})[:-1] + f', "exp": {exp}}}')
+    backend, seen = _token_recording_backend(monkeypatch, token)
     if sent:
         assert backend.statuses(["1"])["1"].missing
         assert seen == [token]
