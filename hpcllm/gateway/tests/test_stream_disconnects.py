@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import MODEL, USER_KEY, GatewayFactory, ThreadServer, raw_post
+from .conftest import MODEL, GatewayFactory, ThreadServer, raw_post
 from .stand_in_worker import InFlight, stand_in_worker_app
 
 
