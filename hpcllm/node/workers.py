@@ -484,8 +484,26 @@ class WorkerManager:
             log.warning("no copy of %s on load: %s", req.model, exc)
             return (), None
 
-    def _check_tensor_parallel(self, req: StartInstance) -> None:
-        """Refuse a tensor-parallel start this node cannot run, before a copy or GPU is taken."""
+    @staticmethod
+    def _mpirun_refusal(req: StartInstance) -> str | None:
+        """Why this node's mpirun cannot launch the ranks of req (tensor-parallel on this node alone), or None. Asked
+        before start() takes the lock: not_open_mpi may run `mpirun --version` (up to 30 s), and listing() (the
+        agent's heartbeats), get() and stop() wait on that lock."""
+        if req.tensor_parallel == 1 or req.nodes > 1 or req.engine != "hpcllm":  # not launched by mpirun
+            return None
+        if (mpirun := shutil.which(MPIRUN)) is None:
+            return (f"tensor_parallel = {req.tensor_parallel} needs {MPIRUN!r} on this node's PATH "
+                    f"(OpenMPI: apt-get install openmpi-bin, or the site's MPI module)")
+        if (other := not_open_mpi(mpirun)) is not None:
+            return (f"tensor_parallel = {req.tensor_parallel} needs Open MPI's {MPIRUN!r}, but {mpirun} is not "
+                    f"Open MPI ({other}): the agent passes it Open MPI's options (--mca) and relies on it forwarding "
+                    f"the stop signal to the ranks; put Open MPI's mpirun first on this node's PATH (apt-get install "
+                    f"openmpi-bin, or the site's Open MPI module)")
+        return None
+
+    def _check_tensor_parallel(self, req: StartInstance, mpirun_refusal: str | None) -> None:
+        """Refuse a tensor-parallel start this node cannot run, before a copy or GPU is taken (mpirun_refusal: what
+        _mpirun_refusal said, asked before the lock)."""
         if req.tensor_parallel % req.nodes:  # also tensor_parallel = 1 over 2 nodes: no rank for the second
             raise InstanceError(f"tensor_parallel = {req.tensor_parallel} ranks do not split evenly over "
                                 f"{req.nodes} nodes: nodes must divide tensor_parallel")
@@ -505,15 +523,8 @@ class WorkerManager:
                                 f"ranks: give each rank the same number of GPUs")
         if req.nodes > 1:
             self._check_spanning(req)
-        elif (mpirun := shutil.which(MPIRUN)) is None:
-            raise InstanceError(f"tensor_parallel = {req.tensor_parallel} needs {MPIRUN!r} on this node's PATH "
-                                f"(OpenMPI: apt-get install openmpi-bin, or the site's MPI module)")
-        elif (other := not_open_mpi(mpirun)) is not None:
-            raise InstanceError(f"tensor_parallel = {req.tensor_parallel} needs Open MPI's {MPIRUN!r}, but {mpirun} "
-                                f"is not Open MPI ({other}): the agent passes it Open MPI's options (--mca) and "
-                                f"relies on it forwarding the stop signal to the ranks; put Open MPI's mpirun "
-                                f"first on this node's PATH (apt-get install openmpi-bin, or the site's Open MPI "
-                                f"module)")
+        elif mpirun_refusal is not None:
+            raise InstanceError(mpirun_refusal)
 
     def _check_spanning(self, req: StartInstance) -> None:
         """An instance over several nodes needs a Slurm job of that many nodes around this agent, and srun."""
@@ -817,11 +828,12 @@ class WorkerManager:
 
     def start(self, req: StartInstance) -> Instance:
         source = Path(req.source)
+        mpirun_refusal = self._mpirun_refusal(req)  # outside the lock: it may wait on `mpirun --version`
         with self._lock:
             if not self.accepting:
                 raise NotAccepting("this node agent is draining and takes no new instances")
             self._check_gpus(req.gpu_ids)
-            self._check_tensor_parallel(req)
+            self._check_tensor_parallel(req, mpirun_refusal)
             if req.engine == "vllm":
                 vllm_python(self.config)  # refuse now, with the reason, before anything is allocated
             # Ranks on other nodes cannot read this node's cached copies: a spanning instance reads the origin.

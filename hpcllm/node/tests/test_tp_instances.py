@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ from hpcllm.checkpoint.converter import convert
 from hpcllm.credentials import issue_ticket
 from hpcllm.node.app import create_app
 from hpcllm.node.cache import slice_key
+from hpcllm.node.protocol import StartInstance
 from hpcllm.node.tests.test_agent import AUTH, SECRET, make_agent, wait_for
-from hpcllm.node.workers import descendants, processes, running
+from hpcllm.node.workers import InstanceError, descendants, processes, running
 from hpcllm.tp.slicecache import open_slice_copy, verify_slice_copy
 from hpcllm.worker.client import WorkerClient
 from hpcllm.worker.protocol import GenerateRequest
@@ -270,6 +272,42 @@ def test_a_tensor_parallel_start_with_another_mpis_mpirun_is_refused_naming_it(c
     assert f"needs Open MPI's 'mpirun', but {hydra} is not Open MPI" in message, message
     assert "HYDRA build details:" in message and "openmpi-bin" in message, message
     assert client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"] == []
+
+
+def test_the_agent_lists_its_instances_while_a_tensor_parallel_start_asks_another_mpis_mpirun_its_version(
+        agent, client, tp_converted, tmp_path, monkeypatch):
+    """A node's first tensor-parallel start asks `mpirun --version` (up to 30 s) whether it is Open MPI's. It asked
+    while holding the lock the instance list is read under: the agent's heartbeats and GET /v1/internal/instances
+    waited for mpirun's answer. Now the listing answers meanwhile; the start still ends with the answer (refused)."""
+    started, release = tmp_path / "version-asked", tmp_path / "answer-now"
+    slow = tmp_path / "slow-mpich" / "mpirun"
+    slow.parent.mkdir()
+    slow.write_text(f"#!/bin/sh\necho $$ > {started}.new && mv {started}.new {started}\n"  # its pid, then waits
+                    f"while [ ! -e {release} ]; do sleep 0.1; done\necho 'HYDRA build details:'\n")
+    slow.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{slow.parent}{os.pathsep}{os.environ['PATH']}")
+    outcome = []
+
+    def start() -> None:
+        try:
+            agent.workers.start(StartInstance(model="tp-llama", source=str(tp_converted), tensor_parallel=2))
+        except InstanceError as exc:
+            outcome.append(str(exc))
+
+    starting = threading.Thread(target=start, name="tp-start")
+    starting.start()
+    try:
+        wait_for(started.exists, timeout=60, what="the start to ask mpirun --version")
+        asked = int(started.read_text())
+        listed = client.get("/v1/internal/instances", headers=AUTH)
+        # Answered while `mpirun --version` still waits to answer (before: once it timed out and was killed).
+        assert Path(f"/proc/{asked}").exists() and outcome == []
+        assert listed.status_code == 200 and listed.get_json()["instances"] == []
+    finally:
+        release.touch()
+        starting.join()
+    [refusal] = outcome
+    assert f"needs Open MPI's 'mpirun', but {slow} is not Open MPI" in refusal, refusal
 
 
 def test_starts_spanning_nodes_this_agent_cannot_run_are_refused(client, tp_converted, monkeypatch):
