@@ -105,37 +105,49 @@ class QueueWait:
     start_time: float | None = None  # Slurm's expected job start (epoch seconds), when it gave one
 
 
-class _SlurmEstimates:
-    """Slurm's start estimates, reused for a short while (placement runs on every cold route poll), with a back-off
-    after failures so a slow or refusing Slurm is not asked on every poll."""
+class _SlurmAnswers:
+    """Slurm's answers to one kind of question (start estimates, node lists), reused for ttl seconds, asked by one
+    caller at a time, with a back-off after failures (backoff seconds, doubling per failure up to max_backoff) so a
+    slow or refusing Slurm is not asked on every poll: placement asks on every cold route poll, and against a hung
+    slurmctld each question waits [slurm] command_timeout_seconds (60 s)."""
 
-    def __init__(self, ttl: float, backoff: float):
-        self.ttl, self.backoff = ttl, backoff
+    def __init__(self, what: str, ttl: float, backoff: float, max_backoff: float, log_level: int = logging.INFO):
+        self.what, self.log_level = what, log_level
+        self.ttl, self.backoff, self.max_backoff = ttl, backoff, max_backoff
         self._cache: dict[object, tuple[float, object]] = {}
         self._failures = 0
         self._quiet_until = 0.0
+        # One question at a time: a caller that waited for another's gets its answer, or its failure's back-off,
+        # instead of asking again (each would wait a command timeout of a hung slurmctld).
+        self._lock = threading.Lock()
 
-    def get(self, key: object, ask: Callable[[], object]) -> object | None:
-        now = time.monotonic()
-        cached = self._cache.get(key)
-        if cached is not None and now - cached[0] < self.ttl:
-            return cached[1]
-        if now < self._quiet_until:
-            return None
-        try:
-            answer = ask()
-        except (SlurmError, ConfigError) as exc:
-            self._failures += 1
-            pause = min(self.backoff * 2 ** (self._failures - 1), 8 * self.backoff)
-            self._quiet_until = now + pause
-            log.info("no start estimate from Slurm (%s); using the constant for %.0f s", exc, pause)
-            return None
-        self._failures = 0
-        self._cache[key] = (now, answer)
-        return answer
+    def get(self, key: object, ask: Callable[[], object], newer_than: float | None = None) -> object | None:
+        """The answer to key (ask() when none is cached), None while in back-off after a failure. newer_than: a
+        time.monotonic() value; a cached answer asked before it is not used (a fresh look)."""
+        with self._lock:
+            now = time.monotonic()
+            cached = self._cache.get(key)
+            if (cached is not None and now - cached[0] < self.ttl
+                    and (newer_than is None or cached[0] >= newer_than)):
+                return cached[1]
+            if now < self._quiet_until:
+                return None
+            try:
+                answer = ask()
+            except (SlurmError, ConfigError) as exc:
+                self._failures += 1
+                pause = min(self.backoff * 2 ** (self._failures - 1), self.max_backoff)
+                # From when the failed call returned, not when it began: it may have waited a command timeout
+                # (60 s), longer than the back-off.
+                self._quiet_until = time.monotonic() + pause
+                log.log(self.log_level, "no %s from Slurm (not asked again for %.0f s): %s", self.what, pause, exc)
+                return None
+            self._failures = 0
+            self._cache[key] = (now, answer)
+            return answer
 
     def forget(self) -> None:
-        self._cache.clear()
+        self._cache.clear()  # not under the lock: a submission does not wait for a hung question
 
 
 class Allocator:
@@ -148,11 +160,13 @@ class Allocator:
         self.controller_url = controller_url
         self.config_path = config_path
         self.clock = clock
-        self._nodes_cache: tuple[float, list[NodeInfo]] | None = None
-        self._nodes_failed_at: float | None = None  # monotonic time of the last failed node list, until one succeeds
-        self._nodes_lock = threading.Lock()  # one node list (sinfo) asked at a time
-        self._estimates = _SlurmEstimates(self.settings.queue_estimate_ttl_seconds,
-                                          self.settings.queue_estimate_backoff_seconds)
+        # A failed node list is not asked again for its reuse time (no doubling: docs/controller.md).
+        self._nodes = _SlurmAnswers("node list", self.settings.slurm_nodes_ttl_seconds,
+                                    self.settings.slurm_nodes_ttl_seconds, self.settings.slurm_nodes_ttl_seconds,
+                                    logging.WARNING)
+        self._estimates = _SlurmAnswers("start estimate", self.settings.queue_estimate_ttl_seconds,
+                                        self.settings.queue_estimate_backoff_seconds,
+                                        8 * self.settings.queue_estimate_backoff_seconds)
         # Tags of intents this process is submitting right now: sync() leaves them to submit().
         self._in_flight: set[str] = set()
         self._in_flight_lock = threading.Lock()
@@ -265,31 +279,11 @@ class Allocator:
                 for node in a.preferred_nodes}
 
     def _slurm_nodes(self, fresh: bool = False) -> list[NodeInfo] | None:
+        """Slurm's node list (None: cannot be asked); fresh: one asked since this call began, not a cached one."""
         if self.backend is None:
             return None
-        asked = time.monotonic()
-        # One sinfo at a time: a caller that waited for another's gets its answer (a fresh look: one started after
-        # it asked) instead of running sinfo again - against a hung slurmctld, each would wait a command timeout.
-        with self._nodes_lock:
-            now = time.monotonic()
-            cached = self._nodes_cache
-            if cached and now - cached[0] < self.settings.slurm_nodes_ttl_seconds and (not fresh or cached[0] >= asked):
-                return cached[1]
-            failed = self._nodes_failed_at
-            if failed is not None and (now - failed < self.settings.slurm_nodes_ttl_seconds or failed >= asked):
-                return None  # failed a moment ago: a hung slurmctld would hold every placement for a command timeout
-            try:
-                nodes = list(self.backend.nodes())
-            except SlurmError as exc:
-                # When the failed call returned, not when it began: it may have waited command_timeout_seconds
-                # (60 s), longer than the reuse time.
-                self._nodes_failed_at = time.monotonic()
-                log.warning("cannot list Slurm nodes (not asked again for %.0f s): %s",
-                            self.settings.slurm_nodes_ttl_seconds, exc)
-                return None
-            self._nodes_failed_at = None
-            self._nodes_cache = (now, nodes)
-            return nodes
+        return self._nodes.get("nodes", lambda: list(self.backend.nodes()),
+                               newer_than=time.monotonic() if fresh else None)
 
     def _partition(self, model: DeployedModel) -> str | None:
         return model.slurm.partition or self.config.slurm.partition
@@ -376,7 +370,7 @@ class Allocator:
         finally:
             with self._in_flight_lock:
                 self._in_flight.discard(tag)
-        self._nodes_cache = None  # a node just got busier
+        self._nodes.forget()  # a node just got busier
         self._estimates.forget()  # and so did the queue
         log.info("submitted allocation %s (%s) for %s (%s)", job_id, tag, model.name,
                  f"prefer {preferred_nodes}" if preferred_nodes else f"on {nodes}, where no agent of ours is"
@@ -475,7 +469,7 @@ class Allocator:
                 log.info("dropped allocation intent %s for %s: %s", intent.tag, intent.model,
                          f"its job {status.job_id} already ended ({status.raw_state})" if status
                          else "Slurm has no such job (never submitted)")
-        self._nodes_cache = None
+        self._nodes.forget()
         return adopted
 
     def _apply_status(self, alloc, status: JobStatus | None, now: float) -> str | None:

@@ -4,9 +4,12 @@ constant allocation_start_estimate_seconds only when Slurm gives no estimate."""
 
 from __future__ import annotations
 
+import threading
+
 from hpcllm.controller.tests.conftest import GB
 from hpcllm.slurm.base import StartEstimate
 from hpcllm.slurm.cli_backend import parse_squeue_start, parse_test_only
+from hpcllm.slurm.errors import SlurmUnavailable
 
 AGENT_START = 10.0
 
@@ -73,6 +76,63 @@ def test_estimates_are_cached_and_slurm_failures_back_off_to_the_constant(make_h
         wait = h2.allocator.new_allocation_wait(h2.registry.get_model("m"), ["n3"], h2.clock.now)
         assert (wait.seconds, wait.source) == (30.0, "constant")
     assert h2.backend.estimates_asked() == 1  # then quiet for the back-off
+
+
+def test_an_estimate_that_failed_after_a_command_timeout_is_not_asked_again_at_once(make_harness, monkeypatch):
+    # A hung slurmctld: `sbatch --test-only` fails only after command_timeout_seconds (60 s), longer than the
+    # back-off (15 s). The back-off counts from when it failed, or every cold route poll would wait 60 s again.
+    h = make_harness(allocation_start_estimate_seconds=30.0, queue_estimate_backoff_seconds=15.0)
+    model = h.deploy("m", gpus=1)
+    monotonic = [1000.0]
+    monkeypatch.setattr("hpcllm.controller.allocations.time.monotonic", lambda: monotonic[0])
+
+    def hung_test_only(spec):
+        monotonic[0] += 60
+        raise SlurmUnavailable("sbatch --test-only timed out after 60 s")
+
+    h.backend.start_estimate_for = hung_test_only
+    for _ in range(3):
+        wait = h.allocator.new_allocation_wait(model, ["n3"], h.clock.now)
+        assert (wait.seconds, wait.source) == (30.0, "constant")
+    assert h.backend.estimates_asked() == 1
+    monotonic[0] += 16  # the back-off is over: Slurm is asked again
+    assert h.allocator.new_allocation_wait(model, ["n3"], h.clock.now).source == "constant"
+    assert h.backend.estimates_asked() == 2
+
+
+def test_placements_at_once_while_test_only_hangs_ask_it_once(make_harness):
+    # Route polls place outside the placement lock: each would start its own `sbatch --test-only` against a hung
+    # slurmctld, and wait its command timeout.
+    h = make_harness(allocation_start_estimate_seconds=30.0)
+    model = h.deploy("m", gpus=1)
+    entered, second_call = threading.Event(), threading.Event()
+    calls = []
+
+    def hung_test_only(spec):
+        calls.append(threading.current_thread().name)
+        if len(calls) > 1:
+            second_call.set()
+        else:
+            entered.set()
+            second_call.wait(timeout=5)  # a second --test-only started beside it (before the fix); else it times out
+        raise SlurmUnavailable("sbatch --test-only timed out")
+
+    h.backend.start_estimate_for = hung_test_only
+    results = {}
+
+    def place(name: str) -> threading.Thread:
+        wait = lambda: results.__setitem__(name, h.allocator.new_allocation_wait(model, ["n3"], h.clock.now).source)
+        thread = threading.Thread(target=wait, name=name)
+        thread.start()
+        return thread
+
+    first = place("a")
+    assert entered.wait(timeout=30)
+    other = place("b")
+    first.join(timeout=60)
+    other.join(timeout=60)
+    assert results == {"a": "constant", "b": "constant"}
+    assert calls == ["a"]
 
 
 def test_a_queued_allocation_waits_as_long_as_squeue_start_says(make_harness):
