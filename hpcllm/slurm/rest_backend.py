@@ -91,17 +91,12 @@ def jwt_expiry(token: str) -> float | None:
     return expiry if math.isfinite(expiry) else None  # NaN, Infinity (json reads them): no usable expiry
 
 
-def _expired(token: str) -> bool:
+def _unexpired(token: str, where: str) -> float | None:
+    """The token's "exp" (jwt_expiry), unless it is past: slurmrestd 22.05 answers such a token with HTTP 500
+    "Unspecified error" (GET /jobs) or "Zero Bytes were transmitted or received" (a submit: it would read as Slurm
+    unreachable), never saying why. A SlurmError naming `where`, never showing the token."""
     expiry = jwt_expiry(token)
-    return expiry is not None and time.time() >= expiry
-
-
-def _unexpired(token: str, where: str) -> str:
-    """`token`, unless it is past its "exp": slurmrestd 22.05 answers such a token with HTTP 500 "Unspecified
-    error" (GET /jobs) or "Zero Bytes were transmitted or received" (a submit: it would read as Slurm unreachable),
-    never saying why. A SlurmError naming `where`, never showing the token."""
-    if _expired(token):
-        expiry = jwt_expiry(token)
+    if expiry is not None and time.time() >= expiry:
         try:
             when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(expiry))
         except (OverflowError, OSError, ValueError):  # an exp far out of the calendar's range
@@ -109,7 +104,7 @@ def _unexpired(token: str, where: str) -> str:
         raise SlurmError(f"{where} holds a JWT that expired at {when}, which slurmrestd refuses: put a new one there "
                          f"(`scontrol token lifespan=SECONDS`; [slurm] rest_token_file is reread every minute), or "
                          f"set neither so hpcllm gets its own from scontrol token and renews it")
-    return token
+    return expiry
 
 
 class RestBackend(SlurmBackend):
@@ -126,7 +121,8 @@ class RestBackend(SlurmBackend):
         self.user = getattr(config, "rest_user", None) or getpass.getuser()
         self._token_file: Path | None = getattr(config, "rest_token_file", None)
         self._token: str | None = None
-        self._token_expires = 0.0
+        self._token_expires = 0.0  # monotonic: when the token is read again (or renewed)
+        self._token_exp: float | None = None  # the token's own "exp" (epoch seconds), read once with the token
         self._token_lock = threading.Lock()
         self._http = httpx.Client(
             base_url=self.base_url,
@@ -144,21 +140,25 @@ class RestBackend(SlurmBackend):
 
     def _current_token(self) -> str:
         with self._token_lock:
-            if self._token and time.monotonic() < self._token_expires and not _expired(self._token):
+            if (self._token and time.monotonic() < self._token_expires
+                    and (self._token_exp is None or time.time() < self._token_exp)):
                 return self._token
             if self._token_file is not None:
+                where = f"[slurm] rest_token_file {self._token_file}"
                 try:  # not UTF-8: refused by _one_jwt like any other non-ASCII character
                     token = Path(self._token_file).read_text(errors="replace").strip().removeprefix("SLURM_JWT=")
                 except OSError as exc:
-                    raise SlurmError(f"[slurm] rest_token_file {self._token_file}: {exc.strerror}") from None
-                token = _unexpired(_one_jwt(token, f"[slurm] rest_token_file {self._token_file}"),
-                                   f"[slurm] rest_token_file {self._token_file}")
+                    raise SlurmError(f"{where}: {exc.strerror}") from None
+                token = _one_jwt(token, where)
+                self._token_exp = _unexpired(token, where)
                 self._token, self._token_expires = token, time.monotonic() + 60  # reread: it may be rotated
             elif os.environ.get("SLURM_JWT"):
-                token = _unexpired(_one_jwt(os.environ["SLURM_JWT"].strip(), "$SLURM_JWT"), "$SLURM_JWT")
+                token = _one_jwt(os.environ["SLURM_JWT"].strip(), "$SLURM_JWT")
+                self._token_exp = _unexpired(token, "$SLURM_JWT")
                 self._token, self._token_expires = token, time.monotonic() + 60
             else:
                 self._token = _scontrol_token(_TOKEN_LIFESPAN_S)
+                self._token_exp = jwt_expiry(self._token)
                 self._token_expires = time.monotonic() + _TOKEN_LIFESPAN_S / 2
             return self._token
 
