@@ -173,10 +173,9 @@ class Allocator:
         # Held from picking an allocation's nodes until its intent (naming them) is committed, so two submissions
         # at once (a route call and the autoscaler) never pick the same node.
         self._pick_lock = threading.Lock()
-        # Why Slurm keeps each queued allocation pending, as the last poll (sync) said (pending_reason).
-        self._pending_reasons: dict[str, str] = {}
-        # Allocations whose job the last poll saw held (is_held).
-        self._held_jobs: set[str] = set()
+        # The jobs of queued allocations as the last poll (sync) saw them: why Slurm keeps each pending
+        # (pending_reason), whether it is held (is_held).
+        self._queued: dict[str, JobStatus] = {}
         # Allocations whose job someone holds in Slurm, told once in the log (sync() sees them every tick).
         self._held_told: set[str] = set()
         # Per model: when an allocation of it whose launch failed was cancelled (replaced), and on which nodes.
@@ -424,10 +423,10 @@ class Allocator:
             statuses = self.backend.statuses([a.job_id for a in active])
         except SlurmError as exc:
             raise AllocationFailed(f"cannot poll Slurm: {exc}") from None
-        self._pending_reasons = {job_id: status.reason for job_id, status in statuses.items()
-                                 if status.reason and status.state in (JobState.PENDING, JobState.REQUEUED)}
-        self._held_jobs = {job_id for job_id, status in statuses.items() if status.held}
-        self._held_told &= self._held_jobs  # released (or gone): told again if held again
+        self._queued = {job_id: status for job_id, status in statuses.items()
+                        if status.state in (JobState.PENDING, JobState.REQUEUED)}
+        # Released (or gone): told again if held again.
+        self._held_told &= {job_id for job_id, status in self._queued.items() if status.held}
         for alloc in active:
             status = statuses.get(alloc.job_id)
             new_state = self._apply_status(alloc, status, now)
@@ -438,12 +437,14 @@ class Allocator:
     def pending_reason(self, job_id: str) -> str | None:
         """Why Slurm keeps a queued allocation of ours pending (squeue's REASON, e.g. Resources,
         QOSMaxJobsPerUserLimit), as of the last poll; None when it is not queued or Slurm gave no reason."""
-        return self._pending_reasons.get(job_id)
+        status = self._queued.get(job_id)
+        return (status.reason or None) if status is not None else None
 
     def is_held(self, job_id: str) -> bool:
         """Whether the last poll (sync) saw the allocation's job held in Slurm (JobStatus.held): it starts only when
         released; sync() logs it with the scontrol release to run."""
-        return job_id in self._held_jobs
+        status = self._queued.get(job_id)
+        return status is not None and status.held
 
     def _settle_intents(self) -> dict[str, str]:
         """Adopt the Slurm jobs of intents left by a crash (or a lost sbatch answer); drop intents with no live job.

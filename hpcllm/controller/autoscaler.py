@@ -64,7 +64,7 @@ class Autoscaler:
         self.allocator = controller.allocator
         self.settings = controller.settings
         # The Slurm reason each queued allocation kept past preferred_node_wait_seconds was logged with (once).
-        self._held: dict[str, str] = {}
+        self._kept_for_limit: dict[str, str] = {}
 
     def tick(self, now: float) -> TickReport:
         report = TickReport(now)
@@ -113,7 +113,8 @@ class Autoscaler:
         behind the same limit, at the back; it keeps its place, and the admin is told why (log, hpcllm status).
         Nor when its job is held (JobHeldUser, JobHeldAdmin): that is someone's to release."""
         active = self.registry.allocations(active_only=True)
-        self._held = {job: why for job, why in self._held.items() if any(a.job_id == job for a in active)}
+        active_jobs = {a.job_id for a in active}
+        self._kept_for_limit = {job: why for job, why in self._kept_for_limit.items() if job in active_jobs}
         for alloc in active:
             if alloc.state != "pending" or not alloc.preferred_nodes \
                     or now - alloc.submitted_at < self.settings.preferred_node_wait_seconds:
@@ -122,8 +123,8 @@ class Autoscaler:
                 continue  # starts only when released, wherever it queues; the allocator logs how to release it
             reason = self.allocator.pending_reason(alloc.job_id)
             if not waits_for_its_nodes(reason):
-                if self._held.get(alloc.job_id) != reason:
-                    self._held[alloc.job_id] = reason
+                if self._kept_for_limit.get(alloc.job_id) != reason:
+                    self._kept_for_limit[alloc.job_id] = reason
                     log.warning("allocation %s for %s has queued %.0f s for %s: Slurm holds it for %s, which a new "
                                 "job on another node would wait for as well; it stays queued", alloc.job_id,
                                 alloc.model, now - alloc.submitted_at, ", ".join(alloc.preferred_nodes), reason)
