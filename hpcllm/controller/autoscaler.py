@@ -300,15 +300,15 @@ class Autoscaler:
         # What everyone may be routed to (as step 6): a group's own pool neither keeps the model at min_instances
         # nor serves the demand of the other groups' requests that found no capacity. A group's own demand it does
         # serve: that group's requests may go there (routable_nodes(group)).
-        routable = self.controller.routable_nodes(group=None)
         demand = self.registry.demand()
         serving_by_model: dict[str, list] = defaultdict(list)  # one read for all models, not one per model
         for inst in self.registry.instances():
             if inst.state in ("ready", "loading"):
                 serving_by_model[inst.model].append(inst)
-        routable_for = {group: set(self.controller.routable_nodes(group))
-                        for group in {g for d in demand.values() for g in d.groups} - {None}}
-        routable_for[None] = set(routable)
+        up = self.registry.nodes(states=ROUTABLE_NODE_STATES)  # one read for every group
+        routable_for = {group: set(self.controller.routable_nodes(group, up=up))
+                        for group in {g for d in demand.values() for g in d.groups} | {None}}
+        routable = routable_for[None]
         for model in self.registry.models():
             serving = self.controller.counted_instances(serving_by_model[model.name])
             active = [i for i in serving if i.node_id in routable]
@@ -324,16 +324,16 @@ class Autoscaler:
                         i.state == "ready" and i.node_id in routable_for[g] for i in serving))
                     if served:
                         self.registry.clear_demand(model.name, served)
-                    unmet = sorted((g for g in asked.groups - served
-                                    if not any(i.node_id in routable_for[g] for i in serving)),
-                                   key=lambda g: (g is not None, g or ""))
+                    unmet = [g for g in asked.groups - served
+                             if not any(i.node_id in routable_for[g] for i in serving)]
             below_min = len(active) < model.min_instances
             if not unmet and not below_min:
                 continue
             if any(i.state == "loading" for i in active) or self.controller.pending_allocations(model.name):
                 continue  # capacity is on its way: one cold start / allocation at a time per model
             if unmet:  # started where everyone may go (placement never picks a pool), counted for that group
-                self._start(model, "start_for_demand", report, group=unmet[0])
+                first = min(unmet, key=lambda g: (g is not None, g or ""))  # no group first, then by name
+                self._start(model, "start_for_demand", report, group=first)
             else:
                 self._start(model, "start_min", report)
 

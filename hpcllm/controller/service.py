@@ -873,10 +873,13 @@ class Controller:
             with self._changed:
                 self._changed.wait(timeout=max(0.0, min(remaining, 0.5)))
 
-    def routable_nodes(self, group: str | None, exclude: frozenset[str] = frozenset()) -> dict[str, NodeRecord]:
-        """Up nodes a request of `group` may go to (not a pool of another group), minus `exclude`."""
-        return {n.node_id: n for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)
-                if n.node_id not in exclude and visible_to(n.serves_group, group)}
+    def routable_nodes(self, group: str | None, exclude: frozenset[str] = frozenset(),
+                       up: list[NodeRecord] | None = None) -> dict[str, NodeRecord]:
+        """Up nodes a request of `group` may go to (not a pool of another group), minus `exclude`. up: the
+        registry's nodes in ROUTABLE_NODE_STATES, when the caller read them already (once for several groups)."""
+        if up is None:
+            up = self.registry.nodes(states=ROUTABLE_NODE_STATES)
+        return {n.node_id: n for n in up if n.node_id not in exclude and visible_to(n.serves_group, group)}
 
     def route_once(self, name: str, group: str | None = None) -> RouteReady | RouteWaiting:
         model = self.registry.get_model(name)
