@@ -73,13 +73,22 @@ def json_grammar(schema: dict[str, Any]) -> str:
     if not isinstance(options, dict):
         raise InvalidGrammar("a JSON schema is an object, and its 'x-guidance' options too")
     try:
-        text = checked_grammar("start: %json " + json.dumps({**schema, "x-guidance": {**JSON_OPTIONS, **options}}))
+        dumped = json.dumps({**schema, "x-guidance": {**JSON_OPTIONS, **options}})
+    except (TypeError, ValueError) as exc:  # not JSON
+        raise InvalidGrammar(f"the schema is no JSON: {exc}") from None
+    return _checked_json_grammar(dumped)
+
+
+@functools.lru_cache(maxsize=256)  # as checked_grammar: a request's schema is compiled twice (checked, then sent)
+def _checked_json_grammar(dumped: str) -> str:
+    """json_grammar of a schema as JSON text (with its x-guidance options), once llguidance compiled it and
+    endless_subschema found no part without values (which walks the whole schema: milliseconds for a large one)."""
+    try:
+        text = checked_grammar("start: %json " + dumped)
     except InvalidGrammar as exc:
         # Its first line says what is wrong; the others quote the grammar's line, the whole schema
         raise InvalidGrammar(re.sub(r"^at \d+\(\d+\): ", "", str(exc).splitlines()[0])) from None
-    except (TypeError, ValueError) as exc:  # not JSON (json.dumps)
-        raise InvalidGrammar(f"the schema is no JSON: {exc}") from None
-    endless = endless_subschema(schema)
+    endless = endless_subschema(json.loads(dumped))
     if endless is not None:  # llguidance compiles it into a grammar that never completes: no answer could be right
         raise InvalidGrammar(f"no JSON value satisfies the schema's part at '{endless}', which an answer could reach "
                              "and never complete: each of its values would need another inside it without end (a "

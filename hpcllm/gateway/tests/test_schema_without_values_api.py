@@ -55,6 +55,23 @@ def test_a_recursive_schema_with_values_still_constrains_the_answer(gateway):
     assert isinstance(json.loads(answer.choices[0].message.content)["name"], str)
 
 
+def test_a_schema_is_searched_for_a_part_without_values_once_not_with_every_request(gateway, monkeypatch):
+    """The search walks the whole schema (milliseconds for a large one, on the gateway's loop): a client's schema
+    that comes again (its tools, its response format) is not searched again, nor twice for one request."""
+    from hpcllm.worker import grammar
+
+    searched = []
+    search = grammar.endless_subschema
+    monkeypatch.setattr(grammar, "endless_subschema", lambda schema: searched.append(schema) or search(schema))
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 3}}, "required": ["name"],
+              "description": "searched once (a schema no other test sends)"}
+    for _ in range(2):
+        gateway.client().chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=4,
+            response_format={"type": "json_schema", "json_schema": {"name": "once", "schema": schema}})
+    assert len(searched) == 1
+
+
 @pytest.mark.parametrize("schema, part", ENDLESS, ids=["nested", "array", "required-self"])
 def test_the_400_names_the_part_without_end(gateway, schema, part):
     error = assert_error(gateway.post("/v1/chat/completions", json={
