@@ -115,9 +115,9 @@ def _pointer(parent: str, key: str | int) -> str:
     return f"{parent}/{str(key).replace('~', '~0').replace('/', '~1')}"
 
 
-def _ref_target(ref: Any, root: Any) -> str | None:
-    """The JSON pointer ("#/...") of a local $ref's target, None when it is no pointer into the schema (an anchor,
-    another document: left to llguidance)."""
+def _ref_target(ref: Any, root: Any) -> tuple[str, Any] | None:
+    """The JSON pointer ("#/...") of a local $ref's target and the target, None when it is no pointer into the
+    schema (an anchor, another document: left to llguidance)."""
     if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
         return None
     pointer, node = "#", root
@@ -128,7 +128,7 @@ def _ref_target(ref: Any, root: Any) -> str | None:
         elif not isinstance(node, dict) or key not in node:
             return None
         pointer, node = _pointer(pointer, key), node[key]
-    return pointer
+    return pointer, node
 
 
 def endless_subschema(root: Any) -> str | None:
@@ -141,7 +141,8 @@ def endless_subschema(root: Any) -> str | None:
     For each part (subschema), the types of which it has a finite value, to a fixpoint from none: an object needs a
     value of each required property; an array of minItems items; a $ref what its target has; allOf what every
     branch has, anyOf and oneOf what one has. What else a schema says is left to llguidance (it only narrows)."""
-    parts: dict[str, Any] = {}
+    # Each part's schema by its pointer: every part dependencies names, kept as it finds it (not looked up again)
+    parts: dict[str, Any] = {"#": root}
 
     def dependencies(pointer: str, schema: Any) -> dict[str, list[str]]:
         """The parts the schema's rules need values of (ref, allOf, anyOf, oneOf, object: required properties,
@@ -151,27 +152,37 @@ def endless_subschema(root: Any) -> str | None:
                                                             "properties", "items")}
         if not isinstance(schema, dict):
             return needs
+
+        def part(*keys: str | int) -> str:
+            """The pointer of the schema's part under keys (which it has), the part kept in parts."""
+            path, node = pointer, schema
+            for key in keys:
+                path, node = _pointer(path, key), node[key]
+            parts[path] = node
+            return path
+
         if "$ref" in schema:
             target = _ref_target(schema["$ref"], root)
             if target is not None:
-                needs["ref"].append(target)
+                parts[target[0]] = target[1]
+                needs["ref"].append(target[0])
         for keyword in ("allOf", "anyOf", "oneOf"):
             if isinstance(schema.get(keyword), list):
-                needs[keyword] = [_pointer(_pointer(pointer, keyword), i) for i in range(len(schema[keyword]))]
+                needs[keyword] = [part(keyword, i) for i in range(len(schema[keyword]))]
         properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        needs["properties"] = [_pointer(_pointer(pointer, "properties"), name) for name in properties]
+        needs["properties"] = [part("properties", name) for name in properties]
         for name in schema.get("required", []) if isinstance(schema.get("required"), list) else []:
             if name in properties:
-                needs["object"].append(_pointer(_pointer(pointer, "properties"), name))
+                needs["object"].append(part("properties", name))
             elif not schema.get("patternProperties") and "additionalProperties" in schema:
-                needs["object"].append(_pointer(pointer, "additionalProperties"))
+                needs["object"].append(part("additionalProperties"))
         items = schema.get("items")
         prefix_keyword, rest_keyword = ("items", "additionalItems") if isinstance(items, list) else \
             ("prefixItems", "items")
         prefix = schema.get(prefix_keyword) if isinstance(schema.get(prefix_keyword), list) else []
-        needs["items"] = [_pointer(_pointer(pointer, prefix_keyword), i) for i in range(len(prefix))]
+        needs["items"] = [part(prefix_keyword, i) for i in range(len(prefix))]
         if isinstance(schema.get(rest_keyword), (dict, bool)):
-            needs["items"].append(_pointer(pointer, rest_keyword))
+            needs["items"].append(part(rest_keyword))
         min_items = schema.get("minItems", 0)
         if isinstance(min_items, int) and min_items > 0:  # the first prefix items, then the rest's
             needs["array"] = needs["items"][:min_items]
@@ -184,12 +195,7 @@ def endless_subschema(root: Any) -> str | None:
         pointer = pending.pop()
         if pointer in graph:
             continue
-        node: Any = root
-        for part in pointer[2:].split("/") if pointer != "#" else []:
-            key = part.replace("~1", "/").replace("~0", "~")
-            node = node[int(key)] if isinstance(node, list) else node[key]
-        parts[pointer] = node
-        graph[pointer] = dependencies(pointer, node)
+        graph[pointer] = dependencies(pointer, parts[pointer])
         pending += [needed for rule in graph[pointer].values() for needed in rule]
 
     def own_types(pointer: str) -> frozenset[str]:
