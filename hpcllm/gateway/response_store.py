@@ -82,8 +82,10 @@ class StoredResponse:
     input: list[dict[str, Any]]  # the conversation's input items, earlier turns' included
     response: dict[str, Any]  # the response object as answered
     # Where the chain began as a turn of a conversation: that conversation's items before the turn (its context,
-    # not the response's own input: input_items leaves them out).
+    # not the response's own input: input_items leaves them out), and the conversation's id (ResponseStore.continued
+    # reads both; None for a chain not begun in one).
     before: list[dict[str, Any]] = field(default_factory=list)
+    origin: str | None = None
 
     def conversation(self) -> list[dict[str, Any]]:
         """What a request naming this response as previous_response_id continues: all its context held (the
@@ -94,9 +96,9 @@ class StoredResponse:
 @dataclass(frozen=True)
 class NewResponse:
     """A finished response to keep (`store`; else only its items appended to its conversation): its
-    conversation's input items, of which the first `carried` came from `previous` (stored there already) or from
-    `conversation` (whose items this response's own are appended to; `read_upto`: the largest `seq` of those the
-    turn read, 0 for none)."""
+    conversation's input items, of which the first `carried` came from `previous` (stored there already; `origin`:
+    the conversation its chain began in, StoredResponse.origin) or from `conversation` (whose items this response's
+    own are appended to; `read_upto`: the largest `seq` of those the turn read, 0 for none)."""
 
     response: dict[str, Any]
     input: list[dict[str, Any]]
@@ -105,6 +107,7 @@ class NewResponse:
     carried: int = 0
     store: bool = True
     read_upto: int = 0
+    origin: str | None = None
 
     @property
     def own_input(self) -> list[dict[str, Any]]:
@@ -288,10 +291,9 @@ class ResponseStore:
             if kept and previous is not None:  # the chain lives as long as its newest response
                 db.conn.execute(CHAIN + "UPDATE gateway_stored SET used = ? WHERE id IN (SELECT id FROM chain)",
                                 (previous, owner, now))
-                origin = self._origin_conversation(db, owner, previous)
-                if origin is not None:  # and the conversation it began in, whose earlier items it replays
+                if new.origin is not None:  # and the conversation it began in, whose earlier items it replays
                     db.conn.execute("UPDATE gateway_stored SET used = ? WHERE id = ? AND owner = ? AND kind = ?",
-                                    (now, origin, owner, CONVERSATION))
+                                    (now, new.origin, owner, CONVERSATION))
             if conversation is not None:
                 self._append(db, new.conversation, conversation["size"], rows, now)
             self._prune(db, now)
@@ -402,34 +404,32 @@ class ResponseStore:
                 return None
             rows = db.conn.execute(CHAIN + "SELECT i.seq, i.holder, i.output, i.item FROM gateway_items i JOIN "
                                    "chain c ON i.holder = c.id ORDER BY i.seq", (response_id, owner)).fetchall()
-            before = self._conversation_before(db, owner, response_id, rows[0]["seq"]) if context and rows else []
+            # The first item is the chain's first response's (each response holds its own input, stored before its
+            # descendants')
+            origin = self._origin_conversation(db, rows[0]["holder"]) if context and rows else None
+            before = [] if origin is None else self._conversation_before(db, owner, origin, rows[0]["seq"])
         own_output = [row["holder"] == response_id and row["output"] for row in rows]
         response["output"] = [json.loads(row["item"]) for row, out in zip(rows, own_output) if out]
         return StoredResponse(input=[json.loads(row["item"]) for row, out in zip(rows, own_output) if not out],
-                              response=response, before=before)
+                              response=response, before=before, origin=origin)
 
     @staticmethod
-    def _origin_conversation(db: Database, owner: str, response_id: str) -> str | None:
-        """The id of the conversation the response's chain began in as a turn (its first response's `conversation`;
-        None for a chain not begun in one: a turn not appended to one says conversation null)."""
-        first = db.conn.execute(CHAIN + "SELECT s.body FROM gateway_stored s JOIN chain c ON s.id = c.id WHERE "
-                                "s.previous IS NULL", (response_id, owner)).fetchone()
-        conversation = None if first is None else json.loads(first["body"]).get("conversation")
+    def _origin_conversation(db: Database, first: str) -> str | None:
+        """The id of the conversation a chain began in as a turn (its `first` response's `conversation`; None for a
+        chain not begun in one: a turn not appended to one says conversation null)."""
+        row = db.conn.execute("SELECT body FROM gateway_stored WHERE id = ?", (first,)).fetchone()
+        conversation = None if row is None else json.loads(row["body"]).get("conversation")
         return conversation["id"] if conversation else None
 
-    def _conversation_before(self, db: Database, owner: str, response_id: str, first_seq: int) -> list[dict[str, Any]]:
-        """The items of the conversation the chain began in (_origin_conversation), before that turn (those it read:
+    def _conversation_before(self, db: Database, owner: str, conversation: str, first_seq: int) -> list[dict[str, Any]]:
+        """The items of the conversation a chain began in (_origin_conversation), before that turn (those it read:
         its own items are stored, then appended to the conversation, in one transaction under the conversation's
         lock, so every item before its first has a smaller seq), as the conversation holds them now: none where it
         was deleted. Past its own TTL (unseen by its routes) it is kept as long as the chain is (put refreshes its
         `used` with the chain's), as an ancestor response is: its items are read while its row is there."""
-        conversation = self._origin_conversation(db, owner, response_id)
-        if conversation is None or db.conn.execute(
-                "SELECT id FROM gateway_stored WHERE id = ? AND owner = ? AND kind = ? AND used >= ?",
-                (conversation, owner, CONVERSATION, self._cutoff())).fetchone() is None:
-            return []
-        rows = db.conn.execute("SELECT item FROM gateway_items WHERE holder = ? AND seq < ? ORDER BY seq",
-                               (conversation, first_seq)).fetchall()
+        rows = db.conn.execute("SELECT i.item FROM gateway_items i JOIN gateway_stored s ON i.holder = s.id WHERE "
+                               "i.holder = ? AND i.seq < ? AND s.owner = ? AND s.kind = ? AND s.used >= ? ORDER BY "
+                               "i.seq", (conversation, first_seq, owner, CONVERSATION, self._cutoff())).fetchall()
         return [json.loads(row["item"]) for row in rows]
 
     def exists(self, owner: str, response_id: str) -> bool:

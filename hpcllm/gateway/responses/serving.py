@@ -103,13 +103,13 @@ def end_turn(gw: Gateway, turn: Turn | None) -> None:
 def generated(gw: Gateway, ctx: RequestContext, req: ResponsesRequest, owner: str, response_id: str,
               turn: Turn | None) -> Response | dict:
     """The answer (streamed: a Response) of a request resolved, its conversation held (turn)."""
-    asked, carried, read_upto = continued(gw, owner, req, turn)
+    asked, carried, read_upto, origin = continued(gw, owner, req, turn)
     check_unique_ids((item.id for item in asked.input[:carried]), asked.input[carried:], "input")
     keep = None
     if req.store or req.conversation is not None:
         new = NewResponse(response={}, input=[item.listed() for item in asked.input],
                           previous=req.previous_response_id, conversation=req.conversation_id, carried=carried,
-                          store=req.store, read_upto=read_upto)
+                          store=req.store, read_upto=read_upto, origin=origin)
         within_bounds(gw, owner, new)
         keep = keeper(gw, owner, new, turn)
     chat_req = asked.to_chat()
@@ -203,14 +203,15 @@ def referenced(gw: Gateway, owner: str, items: list[InputItem], field: str) -> l
 
 
 def continued(gw: Gateway, owner: str, req: ResponsesRequest,
-              turn: Turn | None) -> tuple[ResponsesRequest, int, int]:
+              turn: Turn | None) -> tuple[ResponsesRequest, int, int, str | None]:
     """The request with its previous response's conversation (OpenAI's previous_response_id; the previous
     instructions are not carried over), or its conversation's items (as its turn read them), before its input; how
-    many items came from there; and the largest `seq` of the conversation's items read (NewResponse.read_upto). A
-    previous response this key cannot see is OpenAI's 400."""
+    many items came from there; the largest `seq` of the conversation's items read (NewResponse.read_upto); and the
+    conversation the previous response's chain began in (NewResponse.origin). A previous response this key cannot
+    see is OpenAI's 400."""
     if req.previous_response_id is None and req.conversation is None:
-        return req, 0, 0
-    read_upto = 0
+        return req, 0, 0, None
+    read_upto, origin = 0, None
     if turn is not None:  # a turn in req.conversation
         earlier, read_upto = turn.earlier, turn.read_upto
     else:
@@ -218,9 +219,9 @@ def continued(gw: Gateway, owner: str, req: ResponsesRequest,
         if previous is None:
             raise InvalidRequest(f"Previous response with id '{req.previous_response_id[:100]}' not found.",
                                  param="previous_response_id", code="previous_response_not_found")
-        earlier = previous.conversation()
+        earlier, origin = previous.conversation(), previous.origin
     asked = req.continuing(earlier)
-    return asked, len(asked.input) - len(req.input), read_upto
+    return asked, len(asked.input) - len(req.input), read_upto, origin
 
 
 def keeper(gw: Gateway, owner: str, new: NewResponse, turn: Turn | None = None) -> Callable[[dict[str, Any]], None]:

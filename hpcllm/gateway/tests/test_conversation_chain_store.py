@@ -22,8 +22,10 @@ def _turn(store, number: int) -> NewResponse:
 
 def _link(store, number: int, previous: str) -> NewResponse:
     """A response chained on `previous` (previous_response_id), carrying what it continues."""
-    earlier = store.continued("alice", previous).conversation()
+    continued = store.continued("alice", previous)
+    earlier = continued.conversation()
     return NewResponse(input=[*earlier, _message(f"msg_in_{number}")], previous=previous, carried=len(earlier),
+                       origin=continued.origin,
                        response={"id": f"resp_{number}", "output": [_message(f"msg_out_{number}", role="assistant")]})
 
 

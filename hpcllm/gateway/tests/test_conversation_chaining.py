@@ -29,6 +29,10 @@ def test_a_response_chained_after_a_conversations_turn_sees_the_conversation_bef
                             *(item.model_dump(exclude_none=True) for item in turn.output), _user("once more")],
         max_output_tokens=4, temperature=0, store=False)
     assert (chained.usage.input_tokens, chained.output_text) == (whole.usage.input_tokens, whole.output_text)
+    with gateway.state.responses.shared.connection() as db:  # the conversation the chain replays lives as long
+        used = {row["id"]: row["used"] for row in db.conn.execute(
+            "SELECT id, used FROM gateway_stored WHERE id IN (?, ?)", (conversation.id, chained.id))}
+    assert used[conversation.id] == used[chained.id]
 
     # One link further: the chain still starts with the conversation's items before the turn.
     further = client.responses.create(model=MODEL, previous_response_id=chained.id, input="one more time",
