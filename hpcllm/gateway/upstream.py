@@ -106,22 +106,31 @@ def open_attach(http: httpx.Client, worker_url: str, request_id: str, from_index
     return WorkerStream(worker_url, client.attach(request_id, from_index), request_id)
 
 
+# Workers found older than embedding call ids (embed_on_worker): asked without one from then on. A worker's URL has
+# a port of its own (picked at its start), so a worker upgraded in place comes back at another.
+_WITHOUT_CALL_IDS: set[str] = set()
+
+
 def embed_on_worker(http: httpx.Client, worker_url: str, secret: str, inputs: list[list[int]], *,
                     for_request: str, call_id: str | None = None) -> EmbedResult:
     """The pooled outputs of token id lists from the worker (embeddings, or a classifier's logits: its `pooling`
     says which; one call; refusals classified like a generation's). for_request: as open_generation's; call_id: the
     worker's id of the call, which cancel_on_worker ends. A worker older than call ids (its request model forbids
-    the field: a 400 naming request_id) is asked again without one, so a rolling upgrade that reaches the gateway
-    first still pools; that call cannot be cancelled."""
+    the field: a 400 naming request_id) is asked again without one, and its later calls at once (each call sends
+    the whole inputs), so a rolling upgrade that reaches the gateway first still pools; those calls cannot be
+    cancelled."""
     client = WorkerClient(worker_url, secret, client=http)
     try:
+        if call_id is None or worker_url in _WITHOUT_CALL_IDS:
+            return client.embed(inputs)
         try:
             return client.embed(inputs, request_id=call_id)
         except WorkerError as exc:
-            if call_id is None or exc.status != 400 or exc.info is None or exc.info.param != "request_id":
+            if exc.status != 400 or exc.info is None or exc.info.param != "request_id":
                 raise
-            log.info("request %s: worker %s takes no embedding call id (an older version): pooled without one",
-                     for_request, worker_url)
+            log.info("request %s: worker %s takes no embedding call id (an older version): pooled without one, as "
+                     "its later calls", for_request, worker_url)
+            _WITHOUT_CALL_IDS.add(worker_url)
             return client.embed(inputs)
     except WorkerError as exc:
         raise _classify(exc, for_request, f"worker {worker_url}") from None  # the worker has no id for the call

@@ -124,7 +124,8 @@ def test_a_worker_that_never_answers_the_cancel_does_not_hold_the_close(tmp_path
 
 def test_a_worker_older_than_call_ids_still_pools_a_batchs_embeddings(tmp_path, tiny_model_dir):
     """A rolling upgrade that reaches the gateway first: the old worker's request model forbids request_id (400
-    naming it); the gateway asks again without one, and the batch's line is answered, not failed."""
+    naming it); the gateway asks again without one, and the batch's lines are answered, not failed; its next call
+    goes without one at once (not the whole inputs sent twice again)."""
     bodies: list[dict] = []
     app = Flask("old-worker")
 
@@ -143,12 +144,13 @@ def test_a_worker_older_than_call_ids_still_pools_a_batchs_embeddings(tmp_path, 
     factory = GatewayFactory(tmp_path, server.url, tiny_model_dir)
     try:
         client = factory(batch_concurrency=1).client()
-        batch = submit(client, [EMBED_LINE], EMBEDDINGS)
+        batch = submit(client, [{**EMBED_LINE, "custom_id": f"e{i}"} for i in range(2)], EMBEDDINGS)
         done = wait_until(lambda: (b := client.batches.retrieve(batch.id)).status in FINAL and b, timeout_s=60)
-        assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 1, 0)
-        result = json.loads(client.files.content(done.output_file_id).text)
-        assert result["response"]["body"]["data"][0]["embedding"] == [1.0, 0.0]
-        assert ["request_id" in body for body in bodies] == [True, False]  # asked again without the id
+        assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 2, 0)
+        results = [json.loads(text) for text in client.files.content(done.output_file_id).text.splitlines()]
+        assert [result["response"]["body"]["data"][0]["embedding"] for result in results] == [[1.0, 0.0]] * 2
+        # The first line asked again without the id; the second without it at once
+        assert ["request_id" in body for body in bodies] == [True, False, False]
     finally:
         factory.stop_all()
         server.stop()
