@@ -127,10 +127,10 @@ class _Request(RequestState):
 
 
 def _cache_salt(req: RequestState) -> str | None:
-    """vLLM's prefix-cache salt of req's blocks: vLLM keys them by adapter name and path, but an adapter loaded again
-    from its folder after an unload may hold other weights (retrained): its load (RequestState.lora_load) salts
-    them. None for the base model and an adapter held since start."""
-    return f"lora-load-{req.lora_load}" if req.lora_load else None
+    """vLLM's prefix-cache salt of req's blocks: RequestState.cache_salt (vLLM keys them by adapter name and path,
+    but an adapter loaded again from its folder after an unload may hold other weights: a retrained one), as text.
+    None for the base model (no salt: its blocks are shared by every request, as without one)."""
+    return req.cache_salt.hex() or None
 
 
 VllmRequestStream = RequestStream  # a request's events; closing it early cancels the request
