@@ -1,6 +1,8 @@
 """Spare workers and the node's slots: a spare waits only where an instance could still start (a free CPU slot of
 controller.cpu_slots_per_node, or a free GPU), and a slot that frees gets its spare back for the next start. Real
-spares and `hpcllm worker` processes serving the tiny converted test model."""
+spares and `hpcllm worker` processes serving the tiny converted test model, without a model process (model_process =
+false): these tests count the agent's spares and slots, not the worker's engine, and a model process imports torch
+again (that path through the agent: test_agent.py::test_a_spare_worker_takes_the_next_instance_and_is_replaced)."""
 
 from __future__ import annotations
 
@@ -11,23 +13,26 @@ from hpcllm.node.protocol import StartInstance
 from hpcllm.node.tests.test_agent import converted, make_agent, wait_for  # noqa: F401 (converted: a fixture)
 
 
-def one_slot_agent(tmp_path: Path) -> NodeAgent:
-    """An agent of one CPU slot (as the dev cluster's allocations: cpu_slots_per_node = 1) keeping one spare."""
-    agent = make_agent(tmp_path, spare_workers=1)
+def one_slot_agent(tmp_path: Path, spare_workers: int = 1) -> NodeAgent:
+    """An agent of one CPU slot (as the dev cluster's allocations: cpu_slots_per_node = 1) keeping spare_workers
+    spares."""
+    agent = make_agent(tmp_path, model_process=False, spare_workers=spare_workers)
     agent.workers.config.controller.cpu_slots_per_node = 1
     return agent
 
 
 def test_no_spare_waits_while_the_only_slot_is_taken_and_a_freed_slot_gets_it_back(tmp_path, converted):
-    """The spare imports torch twice (itself, its model process) and reserves its host pool: on a node whose every
-    slot is taken no instance can start, so a spare there only holds memory and CPU beside the running streams. The
+    """A spare imports torch twice (itself, its model process where workers use one) and reserves its host pool: on a
+    node whose every slot is taken no instance can start, so a spare there only holds memory and CPU beside the
+    running streams. The
     spare the start took is not replaced while the instance runs; the instance's stop brings one back, and the next
-    start takes it (the fast path the spare is for)."""
-    agent = one_slot_agent(tmp_path)
+    start takes it (the fast path the spare is for). node.spare_workers = 2, above the node's one slot: only as many
+    spares as free slots wait, at the start and when the slot is free again."""
+    agent = one_slot_agent(tmp_path, spare_workers=2)
     workers = agent.workers
     try:
         workers.ensure_spares()
-        [spare] = workers._spares
+        [spare] = workers._spares  # capped by the one free slot
         first = workers.start(StartInstance(model="tiny-llama", source=str(converted)))
         assert first.process.pid == spare.process.pid  # the spare became the instance's worker
         wait_for(lambda: first.state == "ready", what="the first instance to serve")
@@ -38,7 +43,7 @@ def test_no_spare_waits_while_the_only_slot_is_taken_and_a_freed_slot_gets_it_ba
         workers.stop(first.instance_id)
         assert workers._spares == []  # not on the stop request's path: the heartbeat the stop wakes starts it
         agent.beat()
-        [back] = workers._spares  # the slot is free again: a spare for the next start
+        [back] = workers._spares  # the slot is free again: one spare (the cap) for the next start
         assert back.process.poll() is None
         second = workers.start(StartInstance(model="tiny-llama", source=str(converted)))
         assert second.process.pid == back.process.pid
@@ -47,18 +52,6 @@ def test_no_spare_waits_while_the_only_slot_is_taken_and_a_freed_slot_gets_it_ba
     finally:
         agent.drain()
         workers.close()
-
-
-def test_spares_are_capped_by_the_free_slots(tmp_path):
-    """node.spare_workers above the slots an instance could start in: only as many spares as free slots wait."""
-    agent = one_slot_agent(tmp_path)
-    agent.workers.config.node.spare_workers = 2
-    try:
-        agent.workers.ensure_spares()
-        assert len(agent.workers._spares) == 1
-    finally:
-        agent.drain()
-        agent.workers.close()
 
 
 def test_a_start_that_takes_no_spare_and_fills_the_slots_ends_the_waiting_spare(tmp_path, converted, monkeypatch):
@@ -96,7 +89,7 @@ def test_a_model_pool_agent_keeps_no_spare_beside_its_pinned_instance(tmp_path, 
     """`hpcllm node --model`: the controller places nothing on a pool's node, so once its pinned instance runs no
     start could take a spare, though the node has slots left (cpu_slots_per_node = 2, the default). When the
     instance stops, a spare waits again for its restart."""
-    base = make_agent(tmp_path, spare_workers=1)
+    base = make_agent(tmp_path, model_process=False, spare_workers=1)
     agent = NodeAgent(base.config, pinned_model="tiny-llama", cache=base.cache, gpus=base.gpus,
                       measurements=base.measurements)
     workers = agent.workers
