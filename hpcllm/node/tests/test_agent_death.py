@@ -22,7 +22,7 @@ from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.node.app import create_app
 from hpcllm.node.cache import UnknownModel
 from hpcllm.node.tests.test_agent import (SECRET, converted, make_agent, model_processes,  # noqa: F401 (a fixture)
-                                          ready_spare, stand_in_workers, wait_for)
+                                          stand_in_workers, wait_for)
 from hpcllm.node.tests.test_tp_instances import tp_converted  # noqa: F401 (a fixture)
 from hpcllm.node.workers import Process, processes, running
 from hpcllm.procs import descendants
@@ -257,7 +257,9 @@ def test_a_spare_that_died_as_it_was_given_an_instance_leaves_no_pipe_open(tmp_p
     agent = make_agent(tmp_path, spare_workers=1, model_process=False)
     stand_in_workers(agent)  # the fresh worker that takes the instance is never talked to
     try:
-        spare = ready_spare(agent)
+        # Not waited for past its imports: a spare takes its assignment on stdin whether or not they are done.
+        agent.workers.ensure_spares()
+        [spare] = agent.workers._spares
         # The write fails only once no process holds the pipe's read end: kill every one that does (the spare and
         # any child inheriting its stdin, listed or started since), until none is left.
         pipe = f"pipe:[{os.fstat(spare.process.stdin.fileno()).st_ino}]"
@@ -266,6 +268,7 @@ def test_a_spare_that_died_as_it_was_given_an_instance_leaves_no_pipe_open(tmp_p
         resp = create_app(agent).test_client().post(
             "/v1/internal/instances", headers=AUTH, json={"model": "tiny-llama", "source": str(converted)})
         assert resp.status_code == 202, resp.get_json()
+        agent.config.node.spare_workers = 0  # no spare after this start: nothing would take it
         assert agent.workers.get(resp.get_json()["instance_id"]).process.pid != spare.process.pid
         assert spare.process.stdin.closed  # before: left open with the unsent assignment in its buffer
     finally:
