@@ -107,6 +107,10 @@ def test_a_model_pool_agent_keeps_no_spare_beside_its_pinned_instance(tmp_path, 
         agent.beat()
         [back] = workers._spares
         assert back.process.poll() is None
+        # Killed here, not retired by the drain: a spare reads its stdin's end only once its imports are done, and
+        # the drain would wait for them (a drain retiring a spare: test_agent.py's
+        # test_a_spare_that_dies_while_idle_or_after_a_long_load_is_replaced_at_the_next_heartbeat).
+        back.process.kill()
     finally:
         agent.drain()
         workers.close()
