@@ -1386,8 +1386,9 @@ def test_with_one_slot_a_batch_waiting_out_its_keys_rate_limit_hands_the_process
     from hpcllm.gateway.batches.serving import create
 
     worker, factory = gated_factory(blocked=-1)  # no request held
-    gw = factory(batch_concurrency=1, api_keys=[{"key": USER_KEY, "name": "alice", "requests_per_minute": 1},
-                                                {"key": OTHER_KEY, "name": "bob"}])
+    gw = factory(batch_concurrency=1, batch_lease_seconds=3,  # a renewal (where it sees bob's waiting) a second
+                 api_keys=[{"key": USER_KEY, "name": "alice", "requests_per_minute": 1},
+                           {"key": OTHER_KEY, "name": "bob"}])
     service, alice = service_of(gw), owner_of(gw.state.api_keys[USER_KEY])
     source = gw.client().files.create(file=("in.jsonl", io.BytesIO(jsonl([completion_line("r0")]))),
                                       purpose="batch")
