@@ -642,7 +642,7 @@ def test_a_gateway_process_closing_cancels_a_batch_request_waiting_for_its_route
     cancelled only generating requests, so the run kept waiting (up to route_timeout_seconds) and the batch stayed
     held by the exiting process, a lease's length. Now the waiting request ends too, not recorded, and the batch is
     released for another process to run by the time close() returns (the process exits then), though the route's
-    poll in flight lasts route_poll_seconds (the default's 20 s)."""
+    poll in flight lasts route_poll_seconds (6 s here, the default's 20 s: well past the quick close's 1 s)."""
     import json
 
     from hpcllm.gateway.server import QUICK_CLOSE_S
@@ -652,7 +652,7 @@ def test_a_gateway_process_closing_cancels_a_batch_request_waiting_for_its_route
     agents = NeverLoadingAgents("http://127.0.0.1:9")
     with serve_controller(tmp_path, agents, tiny_model_dir, model_gpus=0, node_gpus=0) as controller:
         gw = make_gateway(static_models={}, controller_url=controller.url, route_timeout_seconds=300,
-                          batch_lease_seconds=300, batch_concurrency=1)
+                          route_poll_seconds=6, batch_lease_seconds=300, batch_concurrency=1)
         body = {"model": MODEL, "input": "hi"} if endpoint == "/v1/embeddings" else chat_line("a", "hi")["body"]
         submit(gw.client(), [{"custom_id": "a", "method": "POST", "url": endpoint, "body": body}], endpoint=endpoint)
         wait_until(lambda: agents.started)  # the request asked for its route: the model starts (for ever)
