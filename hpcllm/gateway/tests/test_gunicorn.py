@@ -386,12 +386,14 @@ def raw_answer(url: str, request: bytes) -> bytes:
 
 @pytest.fixture(scope="module", params=["gthread", "gevent"])
 def refusing_gateway(request, tmp_path_factory, tiny_model_dir):
-    """(url, log) of a gateway of each worker class whose models all point at a worker that never answers, shared
-    by the tests that only send it requests it refuses before any worker is asked (a start takes seconds here)."""
+    """(url, log, process) of a gateway of each worker class whose models all point at a worker that never answers,
+    shared by the tests that only send it requests it refuses before any worker is asked (a start takes ~10 s
+    here), then stopped by test_a_gateway_stops_without_a_traceback_in_its_log: last in this file, it runs after
+    them for each worker class (pytest keeps file order within a module fixture's parameter)."""
     tmp_path = tmp_path_factory.mktemp(f"refusing-{request.param}")
     with blackhole() as hole, running_gateway(tmp_path, hole, tiny_model_dir, hole, hole,
-                                              request.param) as (_, url, _):
-        yield url, tmp_path / "gateway.log"
+                                              request.param) as (proc, url, _):
+        yield url, tmp_path / "gateway.log", proc
 
 
 def test_a_body_that_cannot_be_read_is_a_400_not_a_500_with_a_traceback(refusing_gateway):
@@ -404,7 +406,7 @@ def test_a_body_that_cannot_be_read_is_a_400_not_a_500_with_a_traceback(refusing
         head % (b"/v1/completions", b"application/json") + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}XY",
         head % (b"/v1/files", b"multipart/form-data; boundary=b") + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
     ]
-    url, log_path = refusing_gateway
+    url, log_path, _ = refusing_gateway
     logged_before = log_path.stat().st_size
     for request in requests:
         answer = raw_answer(url, request)
@@ -421,7 +423,7 @@ def test_after_a_body_that_cannot_be_read_the_connection_closes(refusing_gateway
     following = b"GET /v1/models HTTP/1.1\r\n" + auth + b"\r\n"
     broken = (b"POST /v1/completions HTTP/1.1\r\n" + auth + b"Content-Type: application/json\r\n"
               b"Transfer-Encoding: chunked\r\n\r\nzz\r\n" + following)
-    url, _ = refusing_gateway
+    url, _, _ = refusing_gateway
     with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as client:
         client.settimeout(30)
         client.sendall(broken)  # and no half-close: the gateway itself must end the connection
@@ -445,7 +447,7 @@ def test_gunicorns_own_refusals_have_the_one_error_shape(refusing_gateway):
          431),  # more than 100 header fields
         (b"NOT A REQUEST LINE\r\n" + auth + b"\r\n", 400),
     ]
-    url, _ = refusing_gateway
+    url, _, _ = refusing_gateway
     for request, status in requests:
         answer = raw_answer(url, request)
         head, _, body = answer.partition(b"\r\n\r\n")
@@ -455,15 +457,15 @@ def test_gunicorns_own_refusals_have_the_one_error_shape(refusing_gateway):
         assert error["type"] == "invalid_request_error" and error["code"] and error["message"], error
 
 
-@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
-def test_a_gateway_stops_without_a_traceback_in_its_log(tmp_path, tiny_model_dir, blackhole_url, worker_class):
+def test_a_gateway_stops_without_a_traceback_in_its_log(refusing_gateway):
     """SIGTERM to a gateway that served a request: it drains and exits 0, and its log holds no traceback (gevent's
-    workers printed logging's `_removeHandlerRef` TypeError as each exited)."""
-    with running_gateway(tmp_path, blackhole_url, tiny_model_dir, blackhole_url, blackhole_url,
-                         worker_class) as (proc, url, _):
-        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {USER_KEY}"},
-                         timeout=30).status_code == 200
-    log = (tmp_path / "gateway.log").read_text()
+    workers printed logging's `_removeHandlerRef` TypeError as each exited). The refusing tests' gateway (the same
+    configuration; one start fewer per worker class): this test stops it, so it stays last in this file."""
+    url, log_path, proc = refusing_gateway
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {USER_KEY}"},
+                     timeout=30).status_code == 200
+    stop_process(proc)
+    log = log_path.read_text()
     assert proc.returncode == 0 and "Shutting down: Master" in log, log
     assert "Traceback" not in log and "Exception ignored" not in log, log
 
