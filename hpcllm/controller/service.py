@@ -13,7 +13,7 @@ import random
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -1524,7 +1524,7 @@ class Controller:
                 targets[name] = Target("residency", node=node)
                 if node.node_id in holding:
                     holding[name] = holding[node.node_id]
-        pending = self.pending_allocations(model.name)
+        pending = self.pending_allocations(model.name, known_nodes.values())
         for alloc in pending:
             preferred = alloc.preferred_nodes[0] if alloc.preferred_nodes else None
             name = f"{preferred or '*'}@job{alloc.job_id}"
@@ -1606,10 +1606,14 @@ class Controller:
                  for n in allocation_agents(a, live)}
         return taken | {node for node, instances in by_node.items() if any(i.model != model.name for i in instances)}
 
-    def pending_allocations(self, model_name: str) -> list[AllocationRecord]:
+    def pending_allocations(self, model_name: str, nodes: Iterable[NodeRecord] | None = None
+                            ) -> list[AllocationRecord]:
         """Allocations made for this model whose agent has not registered yet (queued, or starting up). Not one
-        whose agent registered and was lost (silent past node_timeout_seconds): nothing is on its way there."""
-        registered = self.registry.nodes(states=("up", "draining", "lost"))
+        whose agent registered and was lost (silent past node_timeout_seconds): nothing is on its way there.
+        nodes: the registry's nodes as the caller read them for the rest of its decision. Read again here, an agent
+        registering in between would make its allocation neither a node of the caller's nor pending here."""
+        states = ("up", "draining", "lost")
+        registered = self.registry.nodes(states=states) if nodes is None else [n for n in nodes if n.state in states]
         return [a for a in self.registry.allocations(active_only=True) if a.model == model_name and (
             a.state == "pending" or (a.state == "running" and not allocation_agents(a, registered)))]
 

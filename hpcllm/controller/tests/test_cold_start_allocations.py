@@ -142,3 +142,40 @@ def test_an_allocation_whose_agent_was_lost_is_not_capacity_on_its_way(harness):
     waiting = harness.controller.route("m")
     assert waiting.status == "allocating" and waiting.job_id not in (None, first)
     assert len(harness.backend.submitted()) == 2
+
+
+def register_during_the_first_call(h, owner, name: str, node_id: str, job: str) -> None:
+    """The agent of `job` registers on node_id while the controller is inside `owner.name` the first time: a
+    registration landing in the middle of a placement (the request handlers run in parallel)."""
+    read = getattr(owner, name)
+    calls = itertools.count()
+
+    def registering(*args, **kwargs):
+        result = read(*args, **kwargs)
+        if next(calls) == 0:
+            h.register(node_id, job=job)
+        return result
+
+    setattr(owner, name, registering)
+
+
+def test_an_agent_registering_during_a_placement_gets_no_second_allocation_submitted(harness):
+    """Seen in the e2e: the agent of the model's pending allocation registered while a route was placing the model
+    (after placement had read the nodes, before it asked which allocations were still pending). Its allocation
+    counted neither as a running node (not read yet) nor as pending (its agent had registered), so placement
+    submitted a second Slurm job for the one request, cancelled idle seconds later."""
+    harness.deploy("m", gpus=1)
+    first = harness.controller.route_once("m").job_id
+    harness.backend.start(first, "n1", harness.clock.now)
+    harness.tick(1)
+    assert harness.registry.get_allocation(first).state == "running"
+    # Placement reads which nodes our agents run on between its read of the nodes and of the pending allocations.
+    register_during_the_first_call(harness, harness.controller.allocator, "nodes_in_use", "n1", first)
+
+    waiting = harness.controller.route_once("m")
+    assert harness.registry.get_node("n1").state == "up"  # the agent did register mid-placement
+    assert len(harness.backend.submitted()) == 1, [s.nodelist for s in harness.backend.submitted()]
+    assert (waiting.status, waiting.job_id) == ("allocating", first)
+    starting = harness.controller.route_once("m")
+    assert (starting.status, starting.node_id) == ("starting", "n1")
+    assert len(harness.backend.submitted()) == 1
