@@ -1047,8 +1047,10 @@ class Controller:
         jobs, locating = self._spanning_allocations(model)
         occupied = {i.node_id for i in self.registry.instances() if i.state in ("loading", "ready", "draining")}
         holding = self._holding(model)
-        for node in self.registry.nodes(states=ROUTABLE_NODE_STATES):
-            if node.slurm_job_id in jobs and node.node_id not in exclude_nodes | occupied:
+        known = self.registry.nodes()  # once: an agent registering in between is found here or still pending below
+        for node in known:
+            if node.state in ROUTABLE_NODE_STATES and node.slurm_job_id in jobs \
+                    and node.node_id not in exclude_nodes | occupied:
                 gpu_ids = list(range(model.gpus // model.nodes))  # the agent's node's share; srun gives the rest
                 placement = self._spanning_breakdown(model, jobs[node.slurm_job_id], node, holding)
                 return node, gpu_ids, self.registry.reserve_instance(model.name, node.node_id, gpu_ids, now,
@@ -1057,7 +1059,7 @@ class Controller:
         if never is not None:
             raise NoCapacityPossible(never)
         self.registry.note_demand(model.name, now, group)  # so the instance starts as soon as its allocation is up
-        pending = self.pending_allocations(model.name) + locating
+        pending = self.pending_allocations(model.name, known) + locating
         if pending:
             return RouteWaiting(status="allocating", model=model.name, job_id=pending[0].job_id,
                                 retry_after=self.settings.route_retry_after_seconds)

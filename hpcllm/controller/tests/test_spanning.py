@@ -333,3 +333,28 @@ def test_a_spanning_rank_reads_its_node_copy_at_the_nvme_bandwidth_measured_or_n
     assert (slowest.tier, slowest.bandwidth_gbps, slowest.slowest_rank) == ("nvme", 0.5, 0)
     # Without a copy on its node a rank reads the origin, however fast the node's NVMe.
     assert spanning_rank_loads(on, 1000, 2, None, {"b": {"nvme"}})[0] == ("sharedfs", pytest.approx(1000 / 2e9), 2.0)
+
+
+def test_an_agent_registering_during_a_placement_gets_the_instance_not_a_second_allocation(
+        make_harness, tiny_llama_dir):
+    """The agent of the model's running allocation registers while a route is placing the model (after placement
+    looked for its allocation's agents, before it asked which allocations are still pending): neither found nor
+    pending, placement submitted a second allocation for the one instance."""
+    h = make_harness(allocate_on_demand=True, cpu_slots_per_node=1)
+    deploy(h, tiny_llama_dir, tensor_parallel=2)
+    job = h.controller.route_once("tp").job_id
+    start_job(h, job, ("n1", "n2"))
+    note_demand = h.registry.note_demand
+
+    def registering(*args, **kwargs):  # placement notes the demand in between: the agent registers then, once
+        h.registry.note_demand = note_demand
+        h.register("n1", gpus=0, job=job)
+        return note_demand(*args, **kwargs)
+
+    h.registry.note_demand = registering
+    waiting = h.controller.route_once("tp")
+    assert h.registry.get_node("n1").state == "up"  # the agent did register mid-placement
+    assert len(h.backend.submitted()) == 1, [s.nodelist for s in h.backend.submitted()]
+    assert (waiting.status, waiting.job_id) == ("allocating", job)
+    started = h.controller.route_once("tp")
+    assert started.status == "starting" and started.node_id == "n1" and len(h.backend.submitted()) == 1
