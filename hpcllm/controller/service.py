@@ -1436,8 +1436,9 @@ class Controller:
         if never_allocate is None and self._slots_per_new_node(model) >= needs:
             return None
         if model.gpus:
-            known = [n for n in self.registry.nodes(states=("up", "draining", "lost")) if not n.is_pool]
-            if not known or self._allocations_on_their_way() or max(n.gpus for n in known) >= needs:
+            registered = self.registry.nodes(states=("up", "draining", "lost"))
+            known = [n for n in registered if not n.is_pool]
+            if not known or self._allocations_on_their_way(registered) or max(n.gpus for n in known) >= needs:
                 return None  # a node of a size nobody knows yet may register, or one can host it once free
             largest = max(n.gpus for n in known)
             biggest = sorted(n.node_id for n in known if n.gpus == largest)
@@ -1460,10 +1461,12 @@ class Controller:
         return (f"model {model.name!r} can never start here: an instance needs {what} on one node; {offered}"
                 f"{no_allocation}. Fix: {fix}")
 
-    def _allocations_on_their_way(self) -> bool:
+    def _allocations_on_their_way(self, nodes: list[NodeRecord] | None = None) -> bool:
         """An allocation (of any model) whose agent has not registered yet, or a submission not settled: a node may
-        still come."""
-        live = self.registry.nodes(states=("up", "draining"))
+        still come. nodes: the registry's nodes as the caller read them (read again, an agent registering in between
+        would be neither among the caller's nodes nor on its way here)."""
+        live = self.registry.nodes(states=("up", "draining")) if nodes is None else \
+            [n for n in nodes if n.state in ("up", "draining")]
         return bool(self.registry.allocation_intents()) or any(
             a.state == "pending" or (a.state == "running" and not allocation_agents(a, live))
             for a in self.registry.allocations(active_only=True))

@@ -205,3 +205,37 @@ def test_no_capacity_that_may_still_come_is_waited_out(make_harness, situation):
     assert time.monotonic() - started >= 1.2
     assert not isinstance(raised.value, NoCapacityPossible), raised.value
     assert raised.value.code == "no_capacity" and raised.value.retry_after
+
+
+def test_an_agent_registering_while_capacity_is_judged_is_no_capacity_never_possible(make_harness):
+    """An allocation (made before allocate_on_demand was turned off) is starting: its node, of a size nobody knows
+    yet, may host the 4-GPU model. Its agent registers (4 GPUs) while the route judges whether capacity can ever
+    come, after that judgement read the registered nodes (only n2's 2 GPUs) and before it asked whether an
+    allocation is on its way (its agent has registered: none). The route answered 'can never start here: the largest
+    node registered has 2 GPUs' (permanent, no retry) while a 4-GPU node had just registered."""
+    h = make_harness(allocate_on_demand=False)
+    h.deploy("big", gpus=4)
+    h.register("n2", gpus=2)
+    h.registry.add_allocation("77", "other", [], "debug", 3600, h.clock.now)
+    h.registry.update_allocation("77", state="running", started_at=h.clock.now)
+    judge, nodes = h.controller.why_never_capacity, h.registry.nodes
+
+    def registering_after_the_first_read(*args, **kwargs):
+        h.registry.nodes = nodes
+        read = nodes(*args, **kwargs)
+        h.register("n1", gpus=4, job="77")
+        return read
+
+    def judging(*args, **kwargs):
+        h.controller.why_never_capacity = judge
+        h.registry.nodes = registering_after_the_first_read
+        return judge(*args, **kwargs)
+
+    h.controller.why_never_capacity = judging
+    with pytest.raises(NoCapacity) as raised:
+        h.controller.route_once("big")
+    assert h.registry.get_node("n1").state == "up"  # the agent did register mid-judgement
+    assert not isinstance(raised.value, NoCapacityPossible), raised.value
+    assert raised.value.retry_after
+    started = h.controller.route_once("big")
+    assert (started.status, started.node_id) == ("starting", "n1")
